@@ -1,0 +1,68 @@
+"""slimtune: parameter-efficient fine-tuning and linear-attention conversion for PyTorch and HF transformers."""
+
+__version__ = "0.1.0"
+
+from slimtune.adapters.base import AdaptedLayer, Adapter, AdditiveAdapter
+from slimtune.adapters.disha import DishaConfig
+from slimtune.adapters.lora import LoraConfig
+from slimtune.config import AdapterConfig
+from slimtune.errors import (
+    AdapterFileError,
+    AdapterNameError,
+    ConfigError,
+    MergeError,
+    ShapeError,
+    SlimtuneError,
+    TargetModulesError,
+)
+from slimtune.inject import (
+    ParameterCounts,
+    active_adapters,
+    adapted_layers,
+    adapter_configs,
+    delete_adapter,
+    disable_adapters,
+    get_adapted_model,
+    merge_adapters,
+    merge_and_unload,
+    parameter_counts,
+    set_adapter,
+    unload,
+    unmerge_adapters,
+)
+from slimtune.registry import METHODS, config_from_dict
+from slimtune.serialization import load_adapter, save_adapter
+
+__all__ = [
+    "METHODS",
+    "AdaptedLayer",
+    "Adapter",
+    "AdapterConfig",
+    "AdapterFileError",
+    "AdapterNameError",
+    "AdditiveAdapter",
+    "ConfigError",
+    "DishaConfig",
+    "LoraConfig",
+    "MergeError",
+    "ParameterCounts",
+    "ShapeError",
+    "SlimtuneError",
+    "TargetModulesError",
+    "__version__",
+    "active_adapters",
+    "adapted_layers",
+    "adapter_configs",
+    "config_from_dict",
+    "delete_adapter",
+    "disable_adapters",
+    "get_adapted_model",
+    "load_adapter",
+    "merge_adapters",
+    "merge_and_unload",
+    "parameter_counts",
+    "save_adapter",
+    "set_adapter",
+    "unload",
+    "unmerge_adapters",
+]

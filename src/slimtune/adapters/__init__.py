@@ -1,0 +1,1 @@
+"""Adapter layers: the contract (base.py) and one file per method family."""

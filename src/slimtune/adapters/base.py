@@ -1,0 +1,234 @@
+"""The adapter contract and the one wrapper layer that hosts adapters of any kind.
+
+An :class:`Adapter` is one method's trainable update on one base layer. An :class:`AdaptedLayer` wraps the base
+layer (``nn.Linear`` or GPT-2's ``Conv1D``) and holds any number of named adapters, each keeping its own kind.
+
+Semantics with several adapters: the layer computes ``F.linear(x, f_n(... f_1(W)), b)`` where ``W`` is the stored
+base weight (merged adapters included) and ``f_k(W) = W + ΔW_k(W)`` for the active, unmerged adapters in
+activation order. For most methods ``ΔW_k`` does not depend on ``W``, so the order does not matter and the forward
+is ``base(x) + Σ_k delta_k(x)``. Bat's update does depend on ``W`` (``weight_dependent = True``); it may run its
+fused fast path only as the first adapter of the chain, otherwise the layer composes the dense weight.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimtune.errors import AdapterNameError, MergeError, TargetModulesError
+
+
+def conv1d_class() -> type | None:
+    """GPT-2's ``Conv1D`` (y = x @ W + b, weight (d_in, d_out)), or None if transformers lacks it."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def is_supported_base(module: nn.Module) -> bool:
+    """True for the layer types slimtune can adapt: ``nn.Linear`` and GPT-2 ``Conv1D``."""
+    conv1d = conv1d_class()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def base_features(module: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of a supported base layer."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if is_supported_base(module):
+        d_in, d_out = module.weight.shape
+        return d_in, d_out
+    raise TargetModulesError(
+        f"module of type {type(module).__name__} cannot be adapted: allowed types are nn.Linear and "
+        "transformers' Conv1D"
+    )
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The base weight in ``nn.Linear`` orientation, shape (d_out, d_in) (a view for ``Conv1D``)."""
+    return module.weight if isinstance(module, nn.Linear) else module.weight.t()
+
+
+def parameter_factory(base_layer: nn.Module) -> dict[str, object]:
+    """Device and dtype for new adapter parameters: the base weight's (float32 if it is not floating point)."""
+    weight = linear_weight(base_layer)
+    dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+    return {"device": weight.device, "dtype": dtype}
+
+
+class Adapter(nn.Module, abc.ABC):
+    """One method's update on one base layer of shape (d_in → d_out).
+
+    Every adapter gives :meth:`delta_weight` (the dense ΔW, the slow reference, differentiable), the fast
+    :meth:`forward` and the exact inverse :meth:`unmerged_weight`. Class attributes describe capabilities so
+    the shared tests need no per-method branches.
+    """
+
+    identity_at_init: ClassVar[bool] = True
+    supports_merge: ClassVar[bool] = True
+    weight_dependent: ClassVar[bool] = False
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.d_in = d_in
+        self.d_out = d_out
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @abc.abstractmethod
+    def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """ΔW(W) of shape (d_out, d_in) for the base weight ``weight`` (d_out, d_in), computed in its dtype."""
+
+    @abc.abstractmethod
+    def forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        """The layer's output with this adapter alone on top of ``base_layer``: (..., d_in) → (..., d_out)."""
+
+    @abc.abstractmethod
+    def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`merged_weight`: the base weight from a merged one, (d_out, d_in)."""
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``W + ΔW(W)``: the weight with this adapter merged in, (d_out, d_in), in ``weight``'s dtype."""
+        return weight + self.delta_weight(weight)
+
+
+class AdditiveAdapter(Adapter):
+    """An adapter whose ΔW does not depend on the base weight: ``y = base(x) + delta(x)``."""
+
+    @abc.abstractmethod
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The update's output ``x @ ΔWᵀ`` without forming ΔW: (..., d_in) → (..., d_out), adapter dtype."""
+
+    def forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        y = base_layer(x)
+        return y + self.delta(x.to(self.param_dtype)).to(y.dtype)
+
+    def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight - self.delta_weight(weight)
+
+
+class AdaptedLayer(nn.Module):
+    """A base layer plus named adapters. ``forward(x)`` maps (..., d_in) → (..., d_out).
+
+    Attributes:
+        base_layer: the wrapped ``nn.Linear`` / ``Conv1D`` (frozen by :func:`slimtune.get_adapted_model`).
+        adapters: ``nn.ModuleDict`` name → :class:`Adapter`.
+        active_adapters: names used in the forward, in composition order.
+        merged_adapters: names merged into the base weight, in merge order (unmerged last-in first-out).
+        adapters_disabled: when True the forward is the base layer alone (merged adapters must be unmerged).
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.d_in, self.d_out = base_features(base_layer)
+        self.adapters = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.adapters_disabled = False
+
+    def add_adapter(self, name: str, adapter: Adapter) -> None:
+        if name in self.adapters:
+            raise AdapterNameError(f"adapter_name={name!r} already exists on this layer")
+        self.adapters[name] = adapter
+
+    def remove_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise MergeError(f"adapter {name!r} is merged into this layer's weight: unmerge before deleting it")
+        del self.adapters[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def set_active(self, names: list[str]) -> None:
+        """Activate the adapters of ``names`` that this layer has, in that order."""
+        self.active_adapters = [n for n in names if n in self.adapters]
+
+    def pending_adapters(self) -> list[Adapter]:
+        """Active adapters not merged into the weight, in composition order."""
+        return [self.adapters[n] for n in self.active_adapters if n not in self.merged_adapters]
+
+    def base_weight(self) -> torch.Tensor:
+        """The stored base weight in ``nn.Linear`` orientation, (d_out, d_in)."""
+        return linear_weight(self.base_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pending = [] if self.adapters_disabled else self.pending_adapters()
+        if not pending:
+            return self.base_layer(x)
+        head, rest = pending[0], pending[1:]
+        if any(a.weight_dependent for a in rest):
+            return self._dense_forward(x, pending)
+        y = head(x, self.base_layer)
+        for adapter in rest:
+            y = y + adapter.delta(x.to(adapter.param_dtype)).to(y.dtype)
+        return y
+
+    def _dense_forward(self, x: torch.Tensor, adapters: list[Adapter]) -> torch.Tensor:
+        """Reference composition of several adapters: forms the effective weight (d_out, d_in)."""
+        dtype = adapters[0].param_dtype
+        weight = self.base_weight().to(dtype)
+        for adapter in adapters:
+            weight = adapter.merged_weight(weight)
+        bias = self.base_layer.bias
+        y = F.linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))
+        return y.to(x.dtype)
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the forward computes with, (d_out, d_in), formed densely in float32 (for tests/export)."""
+        weight = self.base_weight().float()
+        for adapter in self.pending_adapters():
+            weight = adapter.merged_weight(weight)
+        return weight
+
+    @torch.no_grad()
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        """Merge adapters into the base weight (default: the active ones). Idempotent; computed in float32.
+
+        Merging an active adapter must not change the output, so an adapter that does not commute with an
+        active, unmerged adapter ahead of it in the chain (a weight-dependent one, or itself weight-dependent)
+        cannot be merged before that one: :class:`MergeError` says which to merge first.
+        """
+        names = self._pending_names() if adapter_names is None else list(adapter_names)
+        for name in names:
+            if name not in self.adapters:
+                raise AdapterNameError(f"adapter_name={name!r} is not on this layer; it has {list(self.adapters)}")
+            if name in self.merged_adapters:
+                continue
+            adapter = self.adapters[name]
+            if not adapter.supports_merge:
+                raise MergeError(f"adapter {name!r} ({type(adapter).__name__}) cannot be merged into the weight")
+            pending = self._pending_names()
+            if name in pending:
+                ahead = [self.adapters[n] for n in pending[: pending.index(name)]]
+                if ahead and (adapter.weight_dependent or any(a.weight_dependent for a in ahead)):
+                    raise MergeError(
+                        f"cannot merge {name!r} before {pending[0]!r}: a Bat update depends on the weight, so "
+                        f"merge in the active order {pending}"
+                    )
+            self._write_weight(adapter.merged_weight(self.base_weight().float()))
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo every merge, last merged first (exact within float tolerance; no-op when nothing is merged)."""
+        while self.merged_adapters:
+            adapter = self.adapters[self.merged_adapters[-1]]
+            self._write_weight(adapter.unmerged_weight(self.base_weight().float()))
+            self.merged_adapters.pop()
+
+    def _pending_names(self) -> list[str]:
+        return [n for n in self.active_adapters if n not in self.merged_adapters]
+
+    def _write_weight(self, weight: torch.Tensor) -> None:
+        target = self.base_layer.weight
+        target.data.copy_(weight if isinstance(self.base_layer, nn.Linear) else weight.t())
+
+    def extra_repr(self) -> str:
+        return f"active={self.active_adapters}, merged={self.merged_adapters}"

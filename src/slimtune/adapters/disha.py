@@ -1,0 +1,172 @@
+"""DiSHA (dimension-sharding adaptation, arXiv 2409.15371): Bone, mini, Bat-Col and Bat-Row in one family.
+
+All trainable blocks start at zero, so the adapted model equals the base at init. Formulas and shapes are in
+:mod:`slimtune.functional.disha`.
+
+- ``bone``: M (r, d_out), ΔW[o, i] = M[i mod r, o]; forward sums the r-wide shards of x (the last one
+  zero-padded when r does not divide d_in), then multiplies by M. Needs r ≤ d_in.
+- ``mini``: m (r, mini_r), ΔW[o, i] = m[i mod r, o mod mini_r]; r·mini_r parameters. Needs d_out % mini_r == 0.
+- ``bat_col`` (PEFT MiSS "bat"): B (d_out/r, r, r), ΔW_ij = W_ij·B_i + B_i. The forward forms W + ΔW inside a
+  custom autograd function that keeps only x and B for backward, so peak memory stays near Bone's.
+- ``bat_row`` (the author's RWKV layout): B (d_in/r, r, r), ΔW_ij = W_ij·B_j + B_j, computed without ΔW as
+  y = W(x + z) + b + tile(Σ_j z_j), z = blockdiag(B)·x.
+Both Bat variants need r to divide d_in and d_out, and take no dropout (the update multiplies the base weight).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from slimtune.adapters.base import Adapter, AdditiveAdapter, base_features, linear_weight, parameter_factory
+from slimtune.config import AdapterConfig, check_choice, check_positive_int
+from slimtune.errors import ConfigError, ShapeError
+from slimtune.functional import disha as F_disha
+
+DISHA_VARIANTS = ("bone", "mini", "bat_col", "bat_row")
+
+
+@dataclasses.dataclass
+class DishaConfig(AdapterConfig):
+    """DiSHA: Bone, mini and Bat.
+
+    Args:
+        r: shard size (default 64, the author's setting).
+        variant: one of ``"bone"``, ``"mini"``, ``"bat_col"``, ``"bat_row"``.
+        mini_r: the output period of ``mini`` (its block is r × mini_r); ignored by the other variants.
+        dropout: dropout on the adapter's input (Bone and mini only).
+    """
+
+    method: ClassVar[str] = "disha"
+
+    r: int = 64
+    variant: str = "bone"
+    mini_r: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("variant", self.variant, DISHA_VARIANTS)
+        check_positive_int("mini_r", self.mini_r)
+        if self.variant.startswith("bat") and self.dropout > 0:
+            raise ConfigError(
+                f"dropout={self.dropout!r} is not allowed with variant={self.variant!r}: Bat's update multiplies "
+                "the base weight, so it has no input to drop; use dropout=0.0"
+            )
+
+    def build_adapter(self, base_layer: nn.Module, module_name: str) -> Adapter:
+        adapter_class = {"bone": BoneAdapter, "mini": MiniAdapter, "bat_col": BatColAdapter, "bat_row": BatRowAdapter}
+        return adapter_class[self.variant](self, base_layer, module_name)
+
+
+def dropout_module(p: float) -> nn.Module:
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
+def check_r_fits(config: DishaConfig, d_in: int, module_name: str) -> None:
+    if config.r > d_in:
+        raise ShapeError(
+            f"r={config.r} is larger than d_in={d_in} of {module_name!r}: {config.variant} needs 1 <= r <= {d_in}"
+        )
+
+
+def check_r_divides(config: DishaConfig, d_in: int, d_out: int, module_name: str) -> None:
+    for field, dim in (("d_in", d_in), ("d_out", d_out)):
+        if dim % config.r:
+            divisors = [k for k in range(1, min(d_in, d_out) + 1) if d_in % k == 0 and d_out % k == 0]
+            raise ShapeError(
+                f"r={config.r} does not divide {field}={dim} of {module_name!r} ({d_in} -> {d_out}): "
+                f"{config.variant} needs r dividing both; allowed r here: {divisors[-8:]}"
+            )
+
+
+class BoneAdapter(AdditiveAdapter):
+    """Bone on one layer. Parameter ``block`` (r, d_out), zeros."""
+
+    def __init__(self, config: DishaConfig, base_layer: nn.Module, module_name: str) -> None:
+        d_in, d_out = base_features(base_layer)
+        super().__init__(d_in, d_out)
+        check_r_fits(config, d_in, module_name)
+        self.dropout = dropout_module(config.dropout)
+        self.block = nn.Parameter(torch.zeros(config.r, d_out, **parameter_factory(base_layer)))
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        return F_disha.bone_delta(self.dropout(x), self.block)
+
+    def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return F_disha.bone_delta_weight(self.block.to(weight.dtype), self.d_in)
+
+
+class MiniAdapter(AdditiveAdapter):
+    """mini on one layer. Parameter ``block`` (r, mini_r), zeros."""
+
+    def __init__(self, config: DishaConfig, base_layer: nn.Module, module_name: str) -> None:
+        d_in, d_out = base_features(base_layer)
+        super().__init__(d_in, d_out)
+        check_r_fits(config, d_in, module_name)
+        if d_out % config.mini_r:
+            raise ShapeError(
+                f"mini_r={config.mini_r} does not divide d_out={d_out} of {module_name!r}: mini needs "
+                f"d_out % mini_r == 0; allowed mini_r here: {[k for k in range(1, d_out + 1) if d_out % k == 0][:12]}"
+            )
+        self.dropout = dropout_module(config.dropout)
+        self.block = nn.Parameter(torch.zeros(config.r, config.mini_r, **parameter_factory(base_layer)))
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        return F_disha.mini_delta(self.dropout(x), self.block, self.d_out)
+
+    def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        full = F_disha.mini_full_block(self.block.to(weight.dtype), self.d_out)
+        return F_disha.bone_delta_weight(full, self.d_in)
+
+
+class BatColAdapter(Adapter):
+    """Bat-Col on one layer. Parameter ``block`` (d_out/r, r, r), zeros: one block per output block."""
+
+    weight_dependent: ClassVar[bool] = True
+
+    def __init__(self, config: DishaConfig, base_layer: nn.Module, module_name: str) -> None:
+        d_in, d_out = base_features(base_layer)
+        super().__init__(d_in, d_out)
+        check_r_divides(config, d_in, d_out, module_name)
+        r = config.r
+        self.block = nn.Parameter(torch.zeros(d_out // r, r, r, **parameter_factory(base_layer)))
+
+    def forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        dtype = self.block.dtype
+        bias = base_layer.bias
+        weight = linear_weight(base_layer).to(dtype)
+        y = F_disha.bat_col_linear(x.to(dtype), weight, None if bias is None else bias.to(dtype), self.block)
+        return y.to(x.dtype)
+
+    def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return F_disha.bat_col_delta_weight(weight, self.block.to(weight.dtype))
+
+    def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return F_disha.bat_col_unmerged_weight(weight, self.block)
+
+
+class BatRowAdapter(Adapter):
+    """Bat-Row on one layer. Parameter ``block`` (d_in/r, r, r), zeros: one block per input block."""
+
+    weight_dependent: ClassVar[bool] = True
+
+    def __init__(self, config: DishaConfig, base_layer: nn.Module, module_name: str) -> None:
+        d_in, d_out = base_features(base_layer)
+        super().__init__(d_in, d_out)
+        check_r_divides(config, d_in, d_out, module_name)
+        r = config.r
+        self.block = nn.Parameter(torch.zeros(d_in // r, r, r, **parameter_factory(base_layer)))
+
+    def forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        z = F_disha.bat_row_shift(x.to(self.block.dtype), self.block).to(x.dtype)  # (..., J, r)
+        y = base_layer(x + z.flatten(-2))
+        return F_disha.bat_row_output(y, z.to(y.dtype))
+
+    def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return F_disha.bat_row_delta_weight(weight, self.block.to(weight.dtype))
+
+    def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return F_disha.bat_row_unmerged_weight(weight, self.block)

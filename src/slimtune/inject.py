@@ -1,0 +1,229 @@
+"""Put adapters into any ``nn.Module`` by module name, switch them, merge them, take them out.
+
+The model is changed in place and returned; there are no per-method model classes. The model remembers its
+adapters' configs in ``model.slimtune_configs`` (name → config) and the active names in ``model.slimtune_active``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import re
+from collections.abc import Iterator
+
+from torch import nn
+
+from slimtune.adapters.base import AdaptedLayer, is_supported_base
+from slimtune.config import ALL_LINEAR, AdapterConfig
+from slimtune.errors import AdapterNameError, ConfigError, TargetModulesError
+
+logger = logging.getLogger("slimtune")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParameterCounts:
+    trainable: int
+    total: int
+
+    @property
+    def fraction(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {100 * self.fraction:.4f}"
+
+
+def get_adapted_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> nn.Module:
+    """Inject an adapter named ``adapter_name`` into every module of ``model`` matched by ``config.target_modules``.
+
+    The base model is frozen; the new adapter becomes the active one and is the only trainable part. Every
+    adapter is built before any module is replaced, so a failure (a shape that does not fit, say) leaves the
+    model unchanged. Returns ``model`` itself.
+
+    Raises:
+        TargetModulesError: nothing matched, or a matched module is not ``nn.Linear``/``Conv1D``.
+        ShapeError: the method cannot work with a matched layer's shape (e.g. ``r`` does not divide it).
+        AdapterNameError: ``adapter_name`` already exists on the model.
+    """
+    if not isinstance(config, AdapterConfig):
+        raise ConfigError(f"config={config!r} is not allowed: expected an AdapterConfig such as LoraConfig")
+    return inject_adapter(model, config, adapter_name, find_target_modules(model, config.target_modules))
+
+
+def inject_adapter(
+    model: nn.Module, config: AdapterConfig, adapter_name: str, module_names: list[str]
+) -> nn.Module:
+    """Inject into exactly ``module_names`` (each ``nn.Linear``/``Conv1D`` or an already adapted layer)."""
+    check_adapter_name(adapter_name)
+    configs = adapter_configs(model)
+    if adapter_name in configs:
+        raise AdapterNameError(f"adapter_name={adapter_name!r} already exists on the model; existing: {list(configs)}")
+    modules = dict(model.named_modules())
+    built = {}
+    for name in module_names:
+        module = modules[name]
+        base = module.base_layer if isinstance(module, AdaptedLayer) else module
+        built[name] = config.build_adapter(base, name)
+    for name, adapter in built.items():
+        layer = modules[name]
+        if not isinstance(layer, AdaptedLayer):
+            layer = AdaptedLayer(layer)
+            replace_module(model, name, layer)
+        layer.add_adapter(adapter_name, adapter)
+    configs[adapter_name] = config
+    model.slimtune_configs = configs
+    for param in model.parameters():
+        param.requires_grad_(False)
+    set_adapter(model, adapter_name)
+    logger.info("adapter %r (%s) in %d modules; %s", adapter_name, config.method, len(built), parameter_counts(model))
+    return model
+
+
+def check_adapter_name(name: object) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise AdapterNameError(f"adapter_name={name!r} is not allowed: expected a non-empty string without '.'")
+
+
+def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
+    """The model's adapters, name → config (empty for a model without adapters)."""
+    return dict(getattr(model, "slimtune_configs", {}))
+
+
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
+    """Every adapted layer of ``model`` with its module name."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdaptedLayer):
+            yield name, module
+
+
+def find_target_modules(model: nn.Module, targets: list[str] | str) -> list[str]:
+    """Names of the modules that ``targets`` selects (see :class:`~slimtune.config.AdapterConfig`)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    adapted_prefixes = tuple(f"{name}." for name, _ in adapted_layers(model))
+    candidates = [
+        (name, module)
+        for name, module in model.named_modules()
+        if name and not (adapted_prefixes and name.startswith(adapted_prefixes))
+    ]
+    matched = []
+    for name, module in candidates:
+        adaptable = isinstance(module, AdaptedLayer) or is_supported_base(module)
+        if targets == ALL_LINEAR:
+            is_head = head is not None and head in (module, getattr(module, "base_layer", None))
+            if adaptable and not is_head:
+                matched.append(name)
+            continue
+        if isinstance(targets, str):
+            hit = re.fullmatch(targets, name) is not None
+        else:
+            hit = any(name == t or name.endswith("." + t) for t in targets)
+        if hit and not adaptable:
+            raise TargetModulesError(
+                f"target_modules={targets!r} matched {name!r} of type {type(module).__name__}, which cannot be "
+                "adapted: allowed types are nn.Linear and transformers' Conv1D"
+            )
+        if hit:
+            matched.append(name)
+    if not matched:
+        linear_names = [name for name, module in candidates if is_supported_base(module) or isinstance(module, AdaptedLayer)]
+        suffixes = sorted({name.rsplit(".", 1)[-1] for name in linear_names})
+        raise TargetModulesError(
+            f"target_modules={targets!r} matched no adaptable module of {type(model).__name__}; its linear "
+            f"modules include {linear_names[:5]} (name endings: {suffixes[:12]})"
+        )
+    return matched
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def set_adapter(model: nn.Module, adapter_names: str | list[str]) -> None:
+    """Make ``adapter_names`` the active adapters (in that order) and the only trainable parameters."""
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    configs = adapter_configs(model)
+    unknown = [n for n in names if n not in configs]
+    if unknown or not names:
+        raise AdapterNameError(f"adapter_names={adapter_names!r}: unknown {unknown}; the model has {list(configs)}")
+    model.slimtune_active = names
+    for _, layer in adapted_layers(model):
+        layer.set_active(names)
+        for name, adapter in layer.adapters.items():
+            adapter.requires_grad_(name in names)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    return list(getattr(model, "slimtune_active", []))
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model computes as its base model; merged adapters are unmerged and merged back."""
+    layers = [layer for _, layer in adapted_layers(model)]
+    merged = [list(layer.merged_adapters) for layer in layers]
+    for layer in layers:
+        layer.unmerge()
+        layer.adapters_disabled = True
+    try:
+        yield model
+    finally:
+        for layer, names in zip(layers, merged):
+            layer.adapters_disabled = False
+            layer.merge(names)
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove an adapter everywhere; a layer left with no adapter goes back to its base layer."""
+    configs = adapter_configs(model)
+    if adapter_name not in configs:
+        raise AdapterNameError(f"adapter_name={adapter_name!r} is not on the model; it has {list(configs)}")
+    for name, layer in list(adapted_layers(model)):
+        if adapter_name in layer.adapters:
+            layer.remove_adapter(adapter_name)
+        if not layer.adapters:
+            replace_module(model, name, layer.base_layer)
+    del configs[adapter_name]
+    model.slimtune_configs = configs
+    model.slimtune_active = [n for n in active_adapters(model) if n != adapter_name]
+
+
+def merge_adapters(model: nn.Module, adapter_names: list[str] | None = None) -> None:
+    """Merge adapters (default: the active ones) into every layer's base weight."""
+    for _, layer in adapted_layers(model):
+        layer.merge(None if adapter_names is None else [n for n in adapter_names if n in layer.adapters])
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    """Undo every merge in every layer."""
+    for _, layer in adapted_layers(model):
+        layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge the active adapters and put plain base layers back: a model without slimtune inside."""
+    merge_adapters(model)
+    return _unwrap(model)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Unmerge everything and put the original base layers back, dropping every adapter."""
+    unmerge_adapters(model)
+    return _unwrap(model)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    for name, layer in list(adapted_layers(model)):
+        replace_module(model, name, layer.base_layer)
+    for attr in ("slimtune_configs", "slimtune_active"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    return model
+
+
+def parameter_counts(model: nn.Module) -> ParameterCounts:
+    """Trainable and total parameter counts (each shared tensor counted once)."""
+    params = list(model.parameters())  # shared tensors appear once
+    return ParameterCounts(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))

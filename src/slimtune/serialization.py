@@ -1,0 +1,155 @@
+"""Save and load one adapter: ``adapter_model.safetensors`` + ``adapter_config.json`` in a folder.
+
+Tensors are stored under ``<module name>.<parameter name>`` (e.g. ``model.layers.0.self_attn.q_proj.lora_A``),
+independent of the adapter's name, so an adapter can be loaded under any name. The JSON records the slimtune
+version, the config, the base model's class and every adapted module's (d_in, d_out), so that loading into
+another model fails with a message naming the module and both shapes. Only safetensors is read: no pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from safetensors import SafetensorError
+from torch import nn
+
+from slimtune import __version__
+from slimtune.adapters.base import AdaptedLayer, base_features, is_supported_base
+from slimtune.errors import AdapterFileError, SlimtuneError
+from slimtune.fileio import atomic_write, atomic_write_json
+from slimtune.inject import adapted_layers, adapter_configs, delete_adapter, inject_adapter
+from slimtune.registry import config_from_dict
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+FORMAT_VERSION = 1
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+    """Write the adapter ``adapter_name`` of ``model`` into ``directory`` (created if needed); returns the folder."""
+    configs = adapter_configs(model)
+    if adapter_name not in configs:
+        raise AdapterFileError(f"adapter_name={adapter_name!r} is not on the model; it has {list(configs)}")
+    tensors: dict[str, torch.Tensor] = {}
+    modules: dict[str, dict[str, int]] = {}
+    for name, layer in adapted_layers(model):
+        if adapter_name not in layer.adapters:
+            continue
+        modules[name] = {"d_in": layer.d_in, "d_out": layer.d_out}
+        for param_name, param in layer.adapters[adapter_name].named_parameters():
+            tensors[f"{name}.{param_name}"] = param.detach().cpu().contiguous()
+    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
+    metadata = {
+        "slimtune_version": __version__,
+        "format_version": FORMAT_VERSION,
+        "config": configs[adapter_name].to_dict(),
+        "base_model": {"class": type(model).__name__, "name_or_path": name_or_path or None},
+        "modules": modules,
+    }
+    directory = Path(directory)
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: safetensors.torch.save_file(tensors, tmp))
+    atomic_write_json(directory / CONFIG_NAME, metadata)
+    return directory
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
+    """Inject the adapter saved in ``directory`` into ``model`` as ``adapter_name`` (active and trainable).
+
+    Raises:
+        AdapterFileError: missing or damaged files, a newer format, an adapter for modules this model lacks or
+            whose shapes differ (the message names the module and both shapes).
+    """
+    directory = Path(directory)
+    metadata = read_metadata(directory)
+    modules: dict[str, dict[str, int]] = metadata["modules"]
+    check_modules_fit(model, modules, metadata["base_model"].get("class"), directory)
+    tensors = read_tensors(directory / WEIGHTS_NAME)
+    try:
+        config = config_from_dict(metadata["config"])
+    except SlimtuneError as err:
+        raise AdapterFileError(f"{directory / CONFIG_NAME}: {err}") from None
+    inject_adapter(model, config, adapter_name, list(modules))
+    try:
+        fill_parameters(model, adapter_name, tensors, directory)
+    except AdapterFileError:
+        delete_adapter(model, adapter_name)
+        raise
+    return model
+
+
+def read_metadata(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterFileError(f"{path} does not exist: expected a folder written by slimtune.save_adapter")
+    try:
+        metadata = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterFileError(f"{path} is not valid JSON ({err})") from None
+    required = ("slimtune_version", "format_version", "config", "base_model", "modules")
+    missing = [key for key in required if not isinstance(metadata, dict) or key not in metadata]
+    if missing:
+        raise AdapterFileError(f"{path} lacks the field(s) {missing}; a slimtune adapter config has {list(required)}")
+    if not isinstance(metadata["format_version"], int) or metadata["format_version"] > FORMAT_VERSION:
+        raise AdapterFileError(
+            f"{path} has format_version={metadata['format_version']!r} (written by slimtune "
+            f"{metadata['slimtune_version']}); this slimtune {__version__} reads format_version <= {FORMAT_VERSION}: "
+            "upgrade slimtune"
+        )
+    return metadata
+
+
+def check_modules_fit(model: nn.Module, modules: dict[str, dict[str, int]], saved_class: str | None, directory: Path) -> None:
+    """Every saved module exists in ``model`` as an adaptable layer with the saved (d_in, d_out)."""
+    present = dict(model.named_modules())
+    for name, shape in modules.items():
+        module = present.get(name)
+        base = module.base_layer if isinstance(module, AdaptedLayer) else module
+        if base is None or not is_supported_base(base):
+            raise AdapterFileError(
+                f"{directory} holds an adapter for module {name!r}, which {type(model).__name__} lacks or cannot "
+                f"adapt (the adapter was saved from a {saved_class})"
+            )
+        d_in, d_out = base_features(base)
+        if (d_in, d_out) != (shape["d_in"], shape["d_out"]):
+            raise AdapterFileError(
+                f"module {name!r}: the adapter in {directory} was saved for a layer {shape['d_in']} -> "
+                f"{shape['d_out']} (d_in -> d_out), this model's layer is {d_in} -> {d_out}"
+            )
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise AdapterFileError(f"{path} does not exist: expected the adapter's weights next to its config")
+    try:
+        return safetensors.torch.load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterFileError(f"{path} is damaged or not a safetensors file ({err})") from None
+
+
+def fill_parameters(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    """Copy saved tensors into the freshly injected adapter, checking names and shapes."""
+    expected = set()
+    with torch.no_grad():
+        for name, layer in adapted_layers(model):
+            if adapter_name not in layer.adapters:
+                continue
+            for param_name, param in layer.adapters[adapter_name].named_parameters():
+                key = f"{name}.{param_name}"
+                expected.add(key)
+                if key not in tensors:
+                    raise AdapterFileError(f"{directory / WEIGHTS_NAME} lacks the tensor {key!r}")
+                saved = tensors[key]
+                if saved.shape != param.shape:
+                    raise AdapterFileError(
+                        f"module {name!r}: saved {param_name} has shape {tuple(saved.shape)}, this model's adapter "
+                        f"needs {tuple(param.shape)}"
+                    )
+                param.copy_(saved)
+    unexpected = sorted(set(tensors) - expected)
+    if unexpected:
+        raise AdapterFileError(f"{directory / WEIGHTS_NAME} has tensors no module takes: {unexpected[:5]}")

@@ -57,6 +57,15 @@ def tiny_llama(seed: int = 0) -> nn.Module:
     return LlamaForCausalLM(config).eval()
 
 
+def tiny_gpt2(seed: int = 0) -> nn.Module:
+    """A 2-layer GPT2LMHeadModel (Conv1D layers): n_embd 36, 3 heads, c_attn 36 → 108, MLP 36 → 144, vocab 101."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=101, n_positions=64, n_embd=36, n_layer=2, n_head=3)
+    return GPT2LMHeadModel(config).eval()
+
+
 def model_input(model: nn.Module, seed: int = 1) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     if isinstance(model, TinyMLP):
@@ -70,7 +79,7 @@ def model_output(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Ten
 
 
 def build(kind: str, seed: int = 0) -> nn.Module:
-    return tiny_mlp(seed) if kind == "mlp" else tiny_llama(seed)
+    return {"mlp": tiny_mlp, "llama": tiny_llama, "gpt2": tiny_gpt2}[kind](seed)
 
 
 def adapted_copy(model: nn.Module, config: st.AdapterConfig, name: str = "default") -> nn.Module:

@@ -20,7 +20,7 @@ from cases import (
     relative_error,
 )
 
-MODELS = ("mlp", "llama")
+MODELS = ("mlp", "llama", "gpt2")
 MATRIX = [(case, kind) for case in CASES for kind in MODELS]
 
 
@@ -48,10 +48,14 @@ def test_parameter_report_and_freezing(case, kind, base_models):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["mlp", "gpt2"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_fast_forward_and_gradients_equal_dense_reference(case, dtype):
-    """Each adapted layer's fast forward equals F.linear(x, W + ΔW_reference, b): outputs and gradients."""
-    model = adapted_copy(build("mlp"), CASES[case])
+def test_fast_forward_and_gradients_equal_dense_reference(case, kind, dtype):
+    """Each adapted layer's fast forward equals F.linear(x, W + ΔW_reference, b): outputs and gradients.
+
+    The MLP has nn.Linear layers with sizes that are not powers of two; GPT-2 has transformers' Conv1D.
+    """
+    model = adapted_copy(build(kind), CASES[case])
     randomize_adapters(model)
     model.to(dtype)
     generator = torch.Generator().manual_seed(3)

@@ -68,7 +68,7 @@ def dropout_module(p: float) -> nn.Module:
 def check_r_fits(config: DishaConfig, d_in: int, module_name: str) -> None:
     if config.r > d_in:
         raise ShapeError(
-            f"r={config.r} is larger than d_in={d_in} of {module_name!r}: {config.variant} needs 1 <= r <= {d_in}"
+            f"r={config.r} is larger than d_in={d_in} of {module_name!r}: allowed for {config.variant}: 1 <= r <= {d_in}"
         )
 
 

@@ -1,0 +1,1 @@
+"""Linear attention: feature maps and causal linear-attention ops."""

@@ -1,0 +1,185 @@
+"""Training-step time and peak memory of slimtune's adapters against PEFT's, in one process.
+
+Two workloads: SmolLM2-135M (the real model, all seven projections of every layer adapted, real BBC News text)
+and a synthetic stack of d=2048 linear layers. Every configuration is built on its own copy of the same base
+model at (near) equal trainable-parameter budgets, warmed up, then timed one step each in interleaved rounds
+so that machine drift hits all alike; the median of the rounds is reported. Peak memory is the resident
+parameters + optimizer state plus the peak of tensors allocated during one step (tracked exactly by
+``TensorMemoryPeak``, since CPUs have no allocator peak counter).
+
+Run: ``.venv/bin/python benchmarks/adapters.py`` (options: ``--workload smollm2|synthetic|both``,
+``--rounds``, ``--batch``, ``--seq-len``). Writes ``benchmarks/results/adapters-<time>.json`` and prints tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import statistics
+from collections.abc import Callable
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import MissConfig, get_peft_model
+from torch import nn
+
+import slimtune as st
+from common import TensorMemoryPeak, format_table, resident_bytes, time_call, write_record
+
+SMOLLM2_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SYNTHETIC_TARGETS = r"layers\.\d+"
+
+# ratio targets from the foundation issue: (config, reference, metric, bound)
+TARGETS = [
+    ("slimtune bone", "peft lora", "step_s", 0.9),
+    ("slimtune bone", "peft miss", "step_s", 1.0),
+    ("slimtune bat_col", "peft miss-bat", "peak_mb", 0.8),
+    ("slimtune bat_row", "slimtune bone", "step_s", 1.2),
+]
+
+
+@dataclasses.dataclass
+class Workload:
+    name: str
+    model: nn.Module
+    targets: list[str] | str
+    batch: dict[str, torch.Tensor]
+    loss: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+
+
+class LinearStack(nn.Module):
+    """``depth`` bias-free d×d linear layers with GELU between: (..., d) → (..., d)."""
+
+    def __init__(self, d: int, depth: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = nn.functional.gelu(layer(x))
+        return x
+
+
+def smollm2_workload(batch: int, seq_len: int) -> Workload:
+    from slimtune.data import lm_blocks
+    from slimtune.models import load_smollm2
+
+    model, tokenizer = load_smollm2(dtype=torch.float32)
+    ids = lm_blocks(tokenizer, split="train", seq_len=seq_len, max_blocks=batch)
+    return Workload(
+        "smollm2-135m", model, SMOLLM2_TARGETS, {"input_ids": ids},
+        lambda m, b: m(input_ids=b["input_ids"], labels=b["input_ids"]).loss,
+    )
+
+
+def synthetic_workload(batch: int, seq_len: int, d: int = 2048, depth: int = 4) -> Workload:
+    torch.manual_seed(0)
+    model = LinearStack(d, depth)
+    x = torch.randn(batch, seq_len, d)
+    return Workload(f"linear-stack-d{d}x{depth}", model, SYNTHETIC_TARGETS, {"x": x}, lambda m, b: m(b["x"]).pow(2).mean())
+
+
+def configurations(targets: list[str] | str) -> dict[str, Callable[[nn.Module], nn.Module]]:
+    """Name → function adapting a copy of the base model. Bone/Bat r=64 and LoRA r=32 give near-equal budgets."""
+    return {
+        "peft lora": lambda m: get_peft_model(m, PeftLoraConfig(r=32, lora_alpha=32, target_modules=targets)),
+        "peft miss": lambda m: get_peft_model(m, MissConfig(r=64, target_modules=targets)),
+        "peft miss-bat": lambda m: get_peft_model(m, MissConfig(r=64, init_weights="bat", target_modules=targets)),
+        "slimtune lora": lambda m: st.get_adapted_model(m, st.LoraConfig(r=32, alpha=32, target_modules=targets)),
+        "slimtune bone": lambda m: st.get_adapted_model(m, st.DishaConfig(r=64, target_modules=targets)),
+        "slimtune bat_col": lambda m: st.get_adapted_model(
+            m, st.DishaConfig(r=64, variant="bat_col", target_modules=targets)
+        ),
+        "slimtune bat_row": lambda m: st.get_adapted_model(
+            m, st.DishaConfig(r=64, variant="bat_row", target_modules=targets)
+        ),
+    }
+
+
+def give_adapters_values(model: nn.Module) -> None:
+    """Small random values in every trainable tensor, so no update is an exact zero (as after some training)."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=generator) * 1e-3)
+
+
+def run_workload(work: Workload, rounds: int, warmup: int) -> list[dict[str, object]]:
+    runs = {}
+    for name, adapt in configurations(work.targets).items():
+        model = adapt(copy.deepcopy(work.model)).train()
+        give_adapters_values(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+        def step(model=model, optimizer=optimizer) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            work.loss(model, work.batch).backward()
+            optimizer.step()
+
+        for _ in range(warmup):
+            step()
+        runs[name] = {"model": model, "optimizer": optimizer, "step": step, "times": []}
+    for _ in range(rounds):
+        for run in runs.values():
+            run["times"].append(time_call(run["step"]))
+    rows = []
+    for name, run in runs.items():
+        resident = resident_bytes(run["model"], run["optimizer"])
+        with TensorMemoryPeak() as tracker:
+            run["step"]()
+        rows.append({
+            "config": name,
+            "trainable": sum(p.numel() for p in run["model"].parameters() if p.requires_grad),
+            "step_s": statistics.median(run["times"]),
+            "step_s_all": run["times"],
+            "peak_mb": (resident + tracker.peak) / 2**20,
+            "step_peak_mb": tracker.peak / 2**20,
+        })
+    by_name = {row["config"]: row for row in rows}
+    for row in rows:
+        row["time_vs_peft_lora"] = row["step_s"] / by_name["peft lora"]["step_s"]
+        row["peak_vs_peft_lora"] = row["peak_mb"] / by_name["peft lora"]["peak_mb"]
+    return rows
+
+
+def check_targets(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    by_name = {row["config"]: row for row in rows}
+    checks = []
+    for config, reference, metric, bound in TARGETS:
+        ratio = by_name[config][metric] / by_name[reference][metric]
+        checks.append({"check": f"{config} / {reference} ({metric})", "ratio": ratio, "bound": bound,
+                       "met": "yes" if ratio <= bound else "NO"})
+    return checks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", choices=["smollm2", "synthetic", "both"], default="both")
+    parser.add_argument("--rounds", type=int, default=7, help="timed steps per configuration (median reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=128)
+    args = parser.parse_args()
+
+    workloads = []
+    if args.workload in ("smollm2", "both"):
+        workloads.append(smollm2_workload(args.batch, args.seq_len))
+    if args.workload in ("synthetic", "both"):
+        workloads.append(synthetic_workload(args.batch, args.seq_len))
+    record = {"args": vars(args), "workloads": {}}
+    for work in workloads:
+        rows = run_workload(work, args.rounds, args.warmup)
+        checks = check_targets(rows)
+        record["workloads"][work.name] = {"rows": rows, "checks": checks}
+        print(f"\n## {work.name} (batch {args.batch} x {args.seq_len}, median of {args.rounds} steps)\n")
+        print(format_table(rows, ["config", "trainable", "step_s", "time_vs_peft_lora", "peak_mb", "peak_vs_peft_lora"]))
+        print()
+        print(format_table(checks, ["check", "ratio", "bound", "met"]))
+    print(f"\nrecord: {write_record('adapters', record)}")
+
+
+if __name__ == "__main__":
+    main()

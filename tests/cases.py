@@ -14,6 +14,7 @@ from torch import nn
 import slimtune as st
 from slimtune.adapters.disha import BatColAdapter, BatRowAdapter, BoneAdapter, MiniAdapter
 from slimtune.adapters.lora import LoraAdapter
+from slimtune.adapters.lora_sp import LoraSpAdapter
 from slimtune.functional import disha as F_disha
 
 CASES: dict[str, st.AdapterConfig] = {
@@ -24,6 +25,8 @@ CASES: dict[str, st.AdapterConfig] = {
     "mini": st.DishaConfig(r=6, variant="mini", mini_r=3),
     "bat_col": st.DishaConfig(r=6, variant="bat_col"),
     "bat_row": st.DishaConfig(r=6, variant="bat_row"),
+    "lora_sp": st.LoraSpConfig(r=4, alpha=8.0),
+    "lora_sp_rank": st.LoraSpConfig(r=4, alpha=8.0, granularity="rank", freeze_fraction=0.25),
 }
 
 
@@ -97,6 +100,10 @@ def randomize_adapters(model: nn.Module, seed: int = 2, scale: float = 0.1) -> N
 
 def reference_delta(adapter: st.Adapter, weight: torch.Tensor) -> torch.Tensor:
     """ΔW by each method's slow, index-by-index definition (independent of the code under test's fast forms)."""
+    if isinstance(adapter, LoraSpAdapter):
+        a = scatter_reference(adapter.lora_A_frozen, adapter.lora_A_mask, adapter.lora_A_values)
+        b = scatter_reference(torch.zeros_like(adapter.lora_B_mask, dtype=a.dtype), adapter.lora_B_mask, adapter.lora_B_values)
+        return adapter.scaling * b.to(weight.dtype) @ a.to(weight.dtype)
     if isinstance(adapter, LoraAdapter):
         return adapter.scaling * adapter.lora_B.to(weight.dtype) @ adapter.lora_A.to(weight.dtype)
     block = adapter.block.to(weight.dtype)
@@ -109,6 +116,18 @@ def reference_delta(adapter: st.Adapter, weight: torch.Tensor) -> torch.Tensor:
     if isinstance(adapter, BatRowAdapter):
         return F_disha.bat_row_delta_reference(weight, block)
     raise AssertionError(f"no reference for {type(adapter).__name__}")
+
+
+def scatter_reference(frozen: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The dense factor entry by entry: trainable values in row-major order of the mask, frozen values elsewhere."""
+    entries, k = [], 0
+    for position in range(mask.numel()):
+        if mask.flatten()[position]:
+            entries.append(values[k])
+            k += 1
+        else:
+            entries.append(frozen.flatten()[position].to(values.dtype))
+    return torch.stack(entries).view(mask.shape)
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

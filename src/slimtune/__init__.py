@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from slimtune.adapters.base import AdaptedLayer, Adapter, AdditiveAdapter
 from slimtune.adapters.disha import DishaConfig
 from slimtune.adapters.lora import LoraConfig
+from slimtune.adapters.lora_sp import LoraSpConfig
 from slimtune.config import AdapterConfig
 from slimtune.errors import (
     AdapterFileError,
@@ -30,6 +31,7 @@ from slimtune.inject import (
     unload,
     unmerge_adapters,
 )
+from slimtune.export import export_peft
 from slimtune.registry import METHODS, config_from_dict
 from slimtune.serialization import load_adapter, save_adapter
 
@@ -44,6 +46,7 @@ __all__ = [
     "ConfigError",
     "DishaConfig",
     "LoraConfig",
+    "LoraSpConfig",
     "MergeError",
     "ParameterCounts",
     "ShapeError",
@@ -56,6 +59,7 @@ __all__ = [
     "config_from_dict",
     "delete_adapter",
     "disable_adapters",
+    "export_peft",
     "get_adapted_model",
     "load_adapter",
     "merge_adapters",

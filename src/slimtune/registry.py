@@ -6,12 +6,14 @@ from typing import Any
 
 from slimtune.adapters.disha import DishaConfig
 from slimtune.adapters.lora import LoraConfig
+from slimtune.adapters.lora_sp import LoraSpConfig
 from slimtune.config import AdapterConfig
 from slimtune.errors import ConfigError
 
 METHODS: dict[str, type[AdapterConfig]] = {
     LoraConfig.method: LoraConfig,
     DishaConfig.method: DishaConfig,
+    LoraSpConfig.method: LoraSpConfig,
 }
 
 

@@ -41,8 +41,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         if adapter_name not in layer.adapters:
             continue
         modules[name] = {"d_in": layer.d_in, "d_out": layer.d_out}
-        for param_name, param in layer.adapters[adapter_name].named_parameters():
-            tensors[f"{name}.{param_name}"] = param.detach().cpu().contiguous()
+        for tensor_name, tensor in layer.adapters[adapter_name].saved_tensors().items():
+            tensors[f"{name}.{tensor_name}"] = tensor.cpu().contiguous()
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
     metadata = {
         "slimtune_version": __version__,
@@ -134,22 +134,26 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 def fill_parameters(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], directory: Path) -> None:
     """Copy saved tensors into the freshly injected adapter, checking names and shapes."""
     expected = set()
-    with torch.no_grad():
-        for name, layer in adapted_layers(model):
-            if adapter_name not in layer.adapters:
-                continue
-            for param_name, param in layer.adapters[adapter_name].named_parameters():
-                key = f"{name}.{param_name}"
-                expected.add(key)
-                if key not in tensors:
-                    raise AdapterFileError(f"{directory / WEIGHTS_NAME} lacks the tensor {key!r}")
-                saved = tensors[key]
-                if saved.shape != param.shape:
-                    raise AdapterFileError(
-                        f"module {name!r}: saved {param_name} has shape {tuple(saved.shape)}, this model's adapter "
-                        f"needs {tuple(param.shape)}"
-                    )
-                param.copy_(saved)
+    for name, layer in adapted_layers(model):
+        if adapter_name not in layer.adapters:
+            continue
+        adapter = layer.adapters[adapter_name]
+        found = {}
+        for tensor_name, current in adapter.saved_tensors().items():
+            key = f"{name}.{tensor_name}"
+            expected.add(key)
+            if key not in tensors:
+                raise AdapterFileError(f"{directory / WEIGHTS_NAME} lacks the tensor {key!r}")
+            if tensors[key].shape != current.shape:
+                raise AdapterFileError(
+                    f"module {name!r}: saved {tensor_name} has shape {tuple(tensors[key].shape)}, this model's "
+                    f"adapter needs {tuple(current.shape)}"
+                )
+            found[tensor_name] = tensors[key]
+        try:
+            adapter.load_saved_tensors(found)
+        except SlimtuneError as err:
+            raise AdapterFileError(f"{directory / WEIGHTS_NAME}, module {name!r}: {err}") from None
     unexpected = sorted(set(tensors) - expected)
     if unexpected:
         raise AdapterFileError(f"{directory / WEIGHTS_NAME} has tensors no module takes: {unexpected[:5]}")

@@ -99,6 +99,16 @@ class Adapter(nn.Module, abc.ABC):
         """``W + ΔW(W)``: the weight with this adapter merged in, (d_out, d_in), in ``weight``'s dtype."""
         return weight + self.delta_weight(weight)
 
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        """What :func:`slimtune.save_adapter` writes for this layer: name → tensor (default: the parameters)."""
+        return {name: param.detach() for name, param in self.named_parameters()}
+
+    @torch.no_grad()
+    def load_saved_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`saved_tensors`; names and shapes are checked by the caller."""
+        for name, param in self.named_parameters():
+            param.copy_(tensors[name])
+
 
 class AdditiveAdapter(Adapter):
     """An adapter whose ΔW does not depend on the base weight: ``y = base(x) + delta(x)``."""

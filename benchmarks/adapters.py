@@ -36,6 +36,8 @@ TARGETS = [
     ("slimtune bone", "peft miss", "step_s", 1.0),
     ("slimtune bat_col", "peft miss-bat", "peak_mb", 0.8),
     ("slimtune bat_row", "slimtune bone", "step_s", 1.2),
+    ("slimtune lora_sp", "slimtune lora", "adapter_state_mb", 0.55),
+    ("slimtune lora_sp", "slimtune lora", "step_s", 1.05),
 ]
 
 
@@ -81,12 +83,18 @@ def synthetic_workload(batch: int, seq_len: int, d: int = 2048, depth: int = 4) 
 
 
 def configurations(targets: list[str] | str) -> dict[str, Callable[[nn.Module], nn.Module]]:
-    """Name → function adapting a copy of the base model. Bone/Bat r=64 and LoRA r=32 give near-equal budgets."""
+    """Name → function adapting a copy of the base model.
+
+    Bone/Bat r=64 and LoRA r=32 give near-equal budgets; LoRA-SP r=32 is compared with LoRA at the same rank.
+    """
     return {
         "peft lora": lambda m: get_peft_model(m, PeftLoraConfig(r=32, lora_alpha=32, target_modules=targets)),
         "peft miss": lambda m: get_peft_model(m, MissConfig(r=64, target_modules=targets)),
         "peft miss-bat": lambda m: get_peft_model(m, MissConfig(r=64, init_weights="bat", target_modules=targets)),
         "slimtune lora": lambda m: st.get_adapted_model(m, st.LoraConfig(r=32, alpha=32, target_modules=targets)),
+        "slimtune lora_sp": lambda m: st.get_adapted_model(
+            m, st.LoraSpConfig(r=32, alpha=32, target_modules=targets)
+        ),
         "slimtune bone": lambda m: st.get_adapted_model(m, st.DishaConfig(r=64, target_modules=targets)),
         "slimtune bat_col": lambda m: st.get_adapted_model(
             m, st.DishaConfig(r=64, variant="bat_col", target_modules=targets)
@@ -104,6 +112,15 @@ def give_adapters_values(model: nn.Module) -> None:
         for param in model.parameters():
             if param.requires_grad:
                 param.copy_(torch.randn(param.shape, generator=generator) * 1e-3)
+
+
+def adapter_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the trainable parameters' gradients and the optimizer's state (AdamW: two moments)."""
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    state = sum(
+        v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)
+    )
+    return grads + state
 
 
 def run_workload(work: Workload, rounds: int, warmup: int) -> list[dict[str, object]]:
@@ -137,6 +154,7 @@ def run_workload(work: Workload, rounds: int, warmup: int) -> list[dict[str, obj
             "step_s_all": run["times"],
             "peak_mb": (resident + tracker.peak) / 2**20,
             "step_peak_mb": tracker.peak / 2**20,
+            "adapter_state_mb": adapter_state_bytes(run["model"], run["optimizer"]) / 2**20,
         })
     by_name = {row["config"]: row for row in rows}
     for row in rows:
@@ -175,7 +193,8 @@ def main() -> None:
         checks = check_targets(rows)
         record["workloads"][work.name] = {"rows": rows, "checks": checks}
         print(f"\n## {work.name} (batch {args.batch} x {args.seq_len}, median of {args.rounds} steps)\n")
-        print(format_table(rows, ["config", "trainable", "step_s", "time_vs_peft_lora", "peak_mb", "peak_vs_peft_lora"]))
+        columns = ["config", "trainable", "step_s", "time_vs_peft_lora", "peak_mb", "peak_vs_peft_lora", "adapter_state_mb"]
+        print(format_table(rows, columns))
         print()
         print(format_table(checks, ["check", "ratio", "bound", "met"]))
     print(f"\nrecord: {write_record('adapters', record)}")

@@ -15,7 +15,10 @@ import slimtune as st
 from slimtune.adapters.disha import BatColAdapter, BatRowAdapter, BoneAdapter, MiniAdapter
 from slimtune.adapters.lora import LoraAdapter
 from slimtune.adapters.lora_sp import LoraSpAdapter
+from slimtune.adapters.surm import SurmAdapter, SurmOutputAdapter
 from slimtune.functional import disha as F_disha
+
+OUTPUT_LAYERS = r".*(fc\d|o_proj|down_proj|c_proj)"  # MLP, Llama and GPT-2 layers whose output is adapted
 
 CASES: dict[str, st.AdapterConfig] = {
     "lora": st.LoraConfig(r=4, alpha=8.0),
@@ -27,6 +30,17 @@ CASES: dict[str, st.AdapterConfig] = {
     "bat_row": st.DishaConfig(r=6, variant="bat_row"),
     "lora_sp": st.LoraSpConfig(r=4, alpha=8.0),
     "lora_sp_rank": st.LoraSpConfig(r=4, alpha=8.0, granularity="rank", freeze_fraction=0.25),
+    "surm_circulant": st.SurmConfig(structure="circulant", block_size=6),
+    "surm_circulant_gcd": st.SurmConfig(structure="circulant"),
+    "surm_toeplitz": st.SurmConfig(structure="toeplitz", block_size=6),
+    "surm_toeplitz_symmetric": st.SurmConfig(structure="toeplitz_symmetric", block_size=3),
+    "surm_toeplitz_product": st.SurmConfig(structure="toeplitz_product", block_size=6),
+    "surm_kronecker": st.SurmConfig(structure="kronecker", r=6),
+    "surm_ldr": st.SurmConfig(structure="ldr", block_size=6, displacement_rank=2),
+    "surm_adapter": st.SurmAdapterConfig(structure="circulant", block_size=6, target_modules=OUTPUT_LAYERS),
+    "surm_adapter_gelu": st.SurmAdapterConfig(
+        structure="ldr", block_size=3, activation="gelu", target_modules=OUTPUT_LAYERS
+    ),
 }
 
 
@@ -106,6 +120,8 @@ def reference_delta(adapter: st.Adapter, weight: torch.Tensor) -> torch.Tensor:
         return adapter.scaling * b.to(weight.dtype) @ a.to(weight.dtype)
     if isinstance(adapter, LoraAdapter):
         return adapter.scaling * adapter.lora_B.to(weight.dtype) @ adapter.lora_A.to(weight.dtype)
+    if isinstance(adapter, SurmAdapter):
+        return adapter.operator.dense(weight.dtype)
     block = adapter.block.to(weight.dtype)
     if isinstance(adapter, BoneAdapter):
         return F_disha.bone_delta_reference(block, adapter.d_in)
@@ -116,6 +132,27 @@ def reference_delta(adapter: st.Adapter, weight: torch.Tensor) -> torch.Tensor:
     if isinstance(adapter, BatRowAdapter):
         return F_disha.bat_row_delta_reference(weight, block)
     raise AssertionError(f"no reference for {type(adapter).__name__}")
+
+
+def reference_merged(
+    adapter: st.Adapter, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(W', b') of the layer with ``adapter`` merged, from the slow references (affine adapters only)."""
+    if isinstance(adapter, SurmOutputAdapter):
+        m = adapter.operator.dense(weight.dtype)
+        base_bias = torch.zeros(weight.shape[0], dtype=weight.dtype) if bias is None else bias
+        extra = 0 if adapter.bias is None else adapter.bias.to(weight.dtype)
+        return weight + m @ weight, base_bias + m @ base_bias + extra
+    return weight + reference_delta(adapter, weight), bias
+
+
+def reference_output(adapter: st.Adapter, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The adapted layer's output from the slow references: (..., d_in) → (..., d_out)."""
+    if isinstance(adapter, SurmOutputAdapter):
+        h = torch.nn.functional.linear(x, weight, bias)
+        out = h + adapter.activation(h @ adapter.operator.dense(x.dtype).t())
+        return out if adapter.bias is None else out + adapter.bias.to(x.dtype)
+    return torch.nn.functional.linear(x, *reference_merged(adapter, weight, bias))
 
 
 def scatter_reference(frozen: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

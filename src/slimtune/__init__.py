@@ -6,6 +6,7 @@ from slimtune.adapters.base import AdaptedLayer, Adapter, AdditiveAdapter
 from slimtune.adapters.disha import DishaConfig
 from slimtune.adapters.lora import LoraConfig
 from slimtune.adapters.lora_sp import LoraSpConfig
+from slimtune.adapters.surm import SurmAdapterConfig, SurmConfig
 from slimtune.config import AdapterConfig
 from slimtune.errors import (
     AdapterFileError,
@@ -51,6 +52,8 @@ __all__ = [
     "ParameterCounts",
     "ShapeError",
     "SlimtuneError",
+    "SurmAdapterConfig",
+    "SurmConfig",
     "TargetModulesError",
     "__version__",
     "active_adapters",

@@ -7,6 +7,7 @@ from typing import Any
 from slimtune.adapters.disha import DishaConfig
 from slimtune.adapters.lora import LoraConfig
 from slimtune.adapters.lora_sp import LoraSpConfig
+from slimtune.adapters.surm import SurmAdapterConfig, SurmConfig
 from slimtune.config import AdapterConfig
 from slimtune.errors import ConfigError
 
@@ -14,6 +15,8 @@ METHODS: dict[str, type[AdapterConfig]] = {
     LoraConfig.method: LoraConfig,
     DishaConfig.method: DishaConfig,
     LoraSpConfig.method: LoraSpConfig,
+    SurmConfig.method: SurmConfig,
+    SurmAdapterConfig.method: SurmAdapterConfig,
 }
 
 

@@ -99,6 +99,14 @@ class Adapter(nn.Module, abc.ABC):
         """``W + ΔW(W)``: the weight with this adapter merged in, (d_out, d_in), in ``weight``'s dtype."""
         return weight + self.delta_weight(weight)
 
+    def merged_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """The layer's bias (d_out,) with this adapter merged in (default: unchanged; None means no bias)."""
+        return bias
+
+    def unmerged_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """Inverse of :meth:`merged_bias`."""
+        return bias
+
     def saved_tensors(self) -> dict[str, torch.Tensor]:
         """What :func:`slimtune.save_adapter` writes for this layer: name → tensor (default: the parameters)."""
         return {name: param.detach() for name, param in self.named_parameters()}
@@ -144,6 +152,7 @@ class AdaptedLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.adapters_disabled = False
+        self.had_bias = getattr(base_layer, "bias", None) is not None
 
     def add_adapter(self, name: str, adapter: Adapter) -> None:
         if name in self.adapters:
@@ -181,21 +190,13 @@ class AdaptedLayer(nn.Module):
         return y
 
     def _dense_forward(self, x: torch.Tensor, adapters: list[Adapter]) -> torch.Tensor:
-        """Reference composition of several adapters: forms the effective weight (d_out, d_in)."""
+        """Reference composition of several adapters: forms the effective weight (d_out, d_in) and bias."""
         dtype = adapters[0].param_dtype
         weight = self.base_weight().to(dtype)
+        bias = None if self.base_layer.bias is None else self.base_layer.bias.to(dtype)
         for adapter in adapters:
-            weight = adapter.merged_weight(weight)
-        bias = self.base_layer.bias
-        y = F.linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))
-        return y.to(x.dtype)
-
-    def effective_weight(self) -> torch.Tensor:
-        """The weight the forward computes with, (d_out, d_in), formed densely in float32 (for tests/export)."""
-        weight = self.base_weight().float()
-        for adapter in self.pending_adapters():
-            weight = adapter.merged_weight(weight)
-        return weight
+            weight, bias = adapter.merged_weight(weight), adapter.merged_bias(bias)
+        return F.linear(x.to(dtype), weight, bias).to(x.dtype)
 
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None) -> None:
@@ -222,7 +223,8 @@ class AdaptedLayer(nn.Module):
                         f"cannot merge {name!r} before {pending[0]!r}: a Bat update depends on the weight, so "
                         f"merge in the active order {pending}"
                     )
-            self._write_weight(adapter.merged_weight(self.base_weight().float()))
+            weight, bias = self._float_weight_and_bias()
+            self._write(adapter.merged_weight(weight), adapter.merged_bias(bias))
             self.merged_adapters.append(name)
 
     @torch.no_grad()
@@ -230,15 +232,29 @@ class AdaptedLayer(nn.Module):
         """Undo every merge, last merged first (exact within float tolerance; no-op when nothing is merged)."""
         while self.merged_adapters:
             adapter = self.adapters[self.merged_adapters[-1]]
-            self._write_weight(adapter.unmerged_weight(self.base_weight().float()))
+            weight, bias = self._float_weight_and_bias()
+            self._write(adapter.unmerged_weight(weight), adapter.unmerged_bias(bias))
             self.merged_adapters.pop()
+        if not self.had_bias and self.base_layer.bias is not None:
+            self.base_layer.bias = None  # a merge gave the layer a bias; with nothing merged it has none again
 
     def _pending_names(self) -> list[str]:
         return [n for n in self.active_adapters if n not in self.merged_adapters]
 
-    def _write_weight(self, weight: torch.Tensor) -> None:
+    def _float_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        bias = self.base_layer.bias
+        return self.base_weight().float(), None if bias is None else bias.float()
+
+    def _write(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Store a (d_out, d_in) weight and a (d_out,) bias into the base layer, in its dtype."""
         target = self.base_layer.weight
         target.data.copy_(weight if isinstance(self.base_layer, nn.Linear) else weight.t())
+        if bias is None:
+            return
+        if self.base_layer.bias is None:
+            self.base_layer.bias = nn.Parameter(bias.to(target.dtype), requires_grad=False)
+        else:
+            self.base_layer.bias.data.copy_(bias)
 
     def extra_repr(self) -> str:
         return f"active={self.active_adapters}, merged={self.merged_adapters}"

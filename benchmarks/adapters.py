@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import MissConfig, get_peft_model
+from peft import C3AConfig, MissConfig, get_peft_model
 from torch import nn
 
 import slimtune as st
@@ -38,7 +38,10 @@ TARGETS = [
     ("slimtune bat_row", "slimtune bone", "step_s", 1.2),
     ("slimtune lora_sp", "slimtune lora", "adapter_state_mb", 0.55),
     ("slimtune lora_sp", "slimtune lora", "step_s", 1.05),
+    ("slimtune circulant", "peft c3a", "step_s", 1.0),
+    ("slimtune toeplitz", "slimtune circulant", "step_s", 1.5),
 ]
+BLOCK = 64  # SURM / C3A block size: divides every SmolLM2 projection (576, 192, 1536) and 2048
 
 
 @dataclasses.dataclass
@@ -85,12 +88,14 @@ def synthetic_workload(batch: int, seq_len: int, d: int = 2048, depth: int = 4) 
 def configurations(targets: list[str] | str) -> dict[str, Callable[[nn.Module], nn.Module]]:
     """Name → function adapting a copy of the base model.
 
-    Bone/Bat r=64 and LoRA r=32 give near-equal budgets; LoRA-SP r=32 is compared with LoRA at the same rank.
+    Bone/Bat r=64 and LoRA r=32 give near-equal budgets; LoRA-SP r=32 is compared with LoRA at the same rank;
+    SURM structures are compared with C3A at the same block size.
     """
     return {
         "peft lora": lambda m: get_peft_model(m, PeftLoraConfig(r=32, lora_alpha=32, target_modules=targets)),
         "peft miss": lambda m: get_peft_model(m, MissConfig(r=64, target_modules=targets)),
         "peft miss-bat": lambda m: get_peft_model(m, MissConfig(r=64, init_weights="bat", target_modules=targets)),
+        "peft c3a": lambda m: get_peft_model(m, C3AConfig(block_size=BLOCK, target_modules=targets)),
         "slimtune lora": lambda m: st.get_adapted_model(m, st.LoraConfig(r=32, alpha=32, target_modules=targets)),
         "slimtune lora_sp": lambda m: st.get_adapted_model(
             m, st.LoraSpConfig(r=32, alpha=32, target_modules=targets)
@@ -102,7 +107,17 @@ def configurations(targets: list[str] | str) -> dict[str, Callable[[nn.Module], 
         "slimtune bat_row": lambda m: st.get_adapted_model(
             m, st.DishaConfig(r=64, variant="bat_row", target_modules=targets)
         ),
+        **{
+            f"slimtune {structure}": surm(structure, targets)
+            for structure in ("circulant", "toeplitz", "kronecker", "ldr")
+        },
     }
+
+
+def surm(structure: str, targets: list[str] | str) -> Callable[[nn.Module], nn.Module]:
+    """SURM at C3A's block size (Kronecker: r=64, d_in + d_out parameters per layer; LDR: K=1)."""
+    config = st.SurmConfig(structure=structure, block_size=BLOCK, r=64, target_modules=targets)
+    return lambda m: st.get_adapted_model(m, config)
 
 
 def give_adapters_values(model: nn.Module) -> None:

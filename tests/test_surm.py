@@ -135,3 +135,21 @@ def test_merging_the_identity_adapter_into_a_bias_free_layer_adds_then_removes_a
     merged = st.merge_and_unload(model)
     assert merged.model.layers[0].self_attn.o_proj.bias is not None
     torch.testing.assert_close(model_output(merged, inputs), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_ldr_many_token_path_equals_the_per_token_fft_path():
+    """From LDR_DENSE_FROM_TOKENS tokens on the layer forms ΔW once; outputs and gradients match the FFT form."""
+    from slimtune.adapters.surm import LDR_DENSE_FROM_TOKENS
+
+    model = st.get_adapted_model(tiny_mlp(), st.SurmConfig(structure="ldr", block_size=6, displacement_rank=2))
+    randomize_adapters(model)
+    layer = dict(st.adapted_layers(model))["fc1"]
+    params = list(layer.adapters.parameters())
+    x = torch.randn(LDR_DENSE_FROM_TOKENS + 3, 30)
+    many = layer(x)
+    grads_many = torch.autograd.grad(many.square().sum(), params)
+    few = torch.cat([layer(chunk) for chunk in x.split(8)])
+    grads_few = torch.autograd.grad(few.square().sum(), params)
+    torch.testing.assert_close(many, few, rtol=1e-5, atol=1e-5)
+    for got, expected in zip(grads_many, grads_few):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import slimtune as st
-from cases import CASES, model_input, model_output, randomize_adapters, reference_delta, relative_error, tiny_mlp
+from cases import CASES, model_input, model_output, randomize_adapters, reference_merged, relative_error, tiny_mlp
 
-KINDS = ["lora", "bone_padded", "mini", "bat_col", "bat_row"]
+KINDS = ["lora", "bone_padded", "mini", "bat_col", "bat_row", "lora_sp", "surm_toeplitz", "surm_adapter"]
 PAIRS = list(itertools.permutations(KINDS, 2))
 
 
@@ -30,10 +30,10 @@ def test_two_kinds_on_one_layer_compose_as_the_dense_reference(first, second):
     generator = torch.Generator().manual_seed(4)
     for _, layer in st.adapted_layers(model):
         x = torch.randn(4, layer.d_in, generator=generator)
-        weight = layer.base_weight().detach()
+        weight, bias = layer.base_weight().detach(), layer.base_layer.bias.detach()
         for name in ("first", "second"):
-            weight = weight + reference_delta(layer.adapters[name], weight)
-        expected = F.linear(x, weight, layer.base_layer.bias)
+            weight, bias = reference_merged(layer.adapters[name], weight, bias)
+        expected = F.linear(x, weight, bias)
         assert relative_error(layer(x), expected) < 1e-5
 
 
@@ -91,3 +91,15 @@ def test_merging_out_of_order_after_a_bat_adapter_is_refused():
     expected = model_output(model, inputs).detach()
     st.merge_adapters(model, ["second"])  # two weight-independent adapters commute
     assert relative_error(model_output(model, inputs), expected) < 1e-5
+
+
+def test_a_non_affine_adapter_transforms_the_output_of_the_chain_before_it():
+    model = two_adapter_model("lora", "surm_adapter_gelu")
+    layer = dict(st.adapted_layers(model))["fc2"]
+    x = torch.randn(4, 42)
+    lora, adapter = layer.adapters["first"], layer.adapters["second"]
+    h = F.linear(x, *reference_merged(lora, layer.base_weight(), layer.base_layer.bias))
+    expected = h + adapter.activation(h @ adapter.operator.dense(torch.float32).t()) + adapter.bias
+    assert relative_error(layer(x), expected) < 1e-5
+    with pytest.raises(st.MergeError, match="'second' is not affine, so it must be the last"):
+        st.set_adapter(model, ["second", "first"])

@@ -148,8 +148,11 @@ def set_adapter(model: nn.Module, adapter_names: str | list[str]) -> None:
     unknown = [n for n in names if n not in configs]
     if unknown or not names:
         raise AdapterNameError(f"adapter_names={adapter_names!r}: unknown {unknown}; the model has {list(configs)}")
+    layers = [layer for _, layer in adapted_layers(model)]
+    for layer in layers:
+        layer.checked_active(names)  # every layer accepts the order before any changes
     model.slimtune_active = names
-    for _, layer in adapted_layers(model):
+    for layer in layers:
         layer.set_active(names)
         for name, adapter in layer.adapters.items():
             adapter.requires_grad_(name in names)

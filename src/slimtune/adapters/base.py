@@ -73,6 +73,7 @@ class Adapter(nn.Module, abc.ABC):
     identity_at_init: ClassVar[bool] = True
     supports_merge: ClassVar[bool] = True
     weight_dependent: ClassVar[bool] = False
+    transforms_output: ClassVar[bool] = False  # True: defines transform_output(y), applied to the layer's output
 
     def __init__(self, d_in: int, d_out: int) -> None:
         super().__init__()
@@ -167,7 +168,22 @@ class AdaptedLayer(nn.Module):
 
     def set_active(self, names: list[str]) -> None:
         """Activate the adapters of ``names`` that this layer has, in that order."""
-        self.active_adapters = [n for n in names if n in self.adapters]
+        self.active_adapters = self.checked_active(names)
+
+    def checked_active(self, names: list[str]) -> list[str]:
+        """The adapters of ``names`` this layer has, in order, or MergeError if that order is not allowed.
+
+        An adapter that is not an affine map of the weight (``supports_merge`` False, e.g. a SURM adapter with a
+        non-linear activation) can only come last: it transforms the output of everything before it.
+        """
+        active = [n for n in names if n in self.adapters]
+        blocked = [n for n in active[:-1] if not self.adapters[n].supports_merge]
+        if blocked:
+            raise MergeError(
+                f"adapter {blocked[0]!r} is not affine, so it must be the last active adapter of a layer; got the "
+                f"order {active}"
+            )
+        return active
 
     def pending_adapters(self) -> list[Adapter]:
         """Active adapters not merged into the weight, in composition order."""
@@ -178,12 +194,17 @@ class AdaptedLayer(nn.Module):
         return linear_weight(self.base_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pending = [] if self.adapters_disabled else self.pending_adapters()
-        if not pending:
+        return self._run(x, [] if self.adapters_disabled else self.pending_adapters())
+
+    def _run(self, x: torch.Tensor, adapters: list[Adapter]) -> torch.Tensor:
+        """The chain ``adapters`` on top of the base layer: (..., d_in) → (..., d_out)."""
+        if not adapters:
             return self.base_layer(x)
-        head, rest = pending[0], pending[1:]
+        if adapters[-1].transforms_output:
+            return adapters[-1].transform_output(self._run(x, adapters[:-1]))
+        head, rest = adapters[0], adapters[1:]
         if any(a.weight_dependent for a in rest):
-            return self._dense_forward(x, pending)
+            return self._dense_forward(x, adapters)
         y = head(x, self.base_layer)
         for adapter in rest:
             y = y + adapter.delta(x.to(adapter.param_dtype)).to(y.dtype)

@@ -207,6 +207,7 @@ class SurmOutputAdapter(Adapter):
     """
 
     weight_dependent: ClassVar[bool] = True
+    transforms_output: ClassVar[bool] = True
 
     def __init__(self, config: SurmAdapterConfig, operator: StructuredOperator, d_out: int, factory: dict) -> None:
         super().__init__(d_out, d_out)
@@ -216,7 +217,10 @@ class SurmOutputAdapter(Adapter):
         self.bias = nn.Parameter(torch.zeros(d_out, **factory)) if config.bias else None
 
     def forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        h = base_layer(x)
+        return self.transform_output(base_layer(x))
+
+    def transform_output(self, h: torch.Tensor) -> torch.Tensor:
+        """h + act(M h) + bias: (..., d_out) → (..., d_out)."""
         out = h + self.activation(self.operator(h.to(self.param_dtype))).to(h.dtype)
         return out if self.bias is None else out + self.bias.to(h.dtype)
 

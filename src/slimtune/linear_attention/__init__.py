@@ -1,1 +1,73 @@
-"""Linear attention: feature maps and causal linear-attention ops."""
+"""Linear attention: feature maps, causal linear-attention ops, conversion of HF models, cache and recovery training.
+
+``linearize(model, LinearizeConfig(...))`` swaps softmax attention for :class:`LinearAttention` in place;
+``attention_transfer`` and ``finetune`` recover quality; generation runs on a constant-size
+:class:`LinearAttentionCache`.
+"""
+
+from slimtune.linear_attention.cache import LinearAttentionCache, LinearAttentionCacheLayer, cache_nbytes
+from slimtune.linear_attention.config import LinearizeConfig
+from slimtune.linear_attention.convert import (
+    SUPPORTED_ATTENTION,
+    linear_attention_layers,
+    linear_attention_parameters,
+    linearize,
+    linearize_config,
+    load_linearized,
+    save_linearized,
+)
+from slimtune.linear_attention.feature_maps import (
+    FEATURE_MAPS,
+    DiJiangFeatureMap,
+    DiJiangOfficialFeatureMap,
+    FeatureMap,
+    HedgehogFeatureMap,
+    PerformerFeatureMap,
+    build_feature_map,
+)
+from slimtune.linear_attention.layer import AttentionSpec, LinearAttention
+from slimtune.linear_attention.ops import (
+    LINEAR_ATTENTION_OPS,
+    LinearAttentionState,
+    fla_available,
+    get_linear_attention_op,
+    linear_attention_chunked,
+    linear_attention_fla,
+    linear_attention_recurrent,
+    linear_attention_reference,
+)
+from slimtune.linear_attention.transfer import attention_mse, attention_transfer, finetune
+
+__all__ = [
+    "FEATURE_MAPS",
+    "LINEAR_ATTENTION_OPS",
+    "SUPPORTED_ATTENTION",
+    "AttentionSpec",
+    "DiJiangFeatureMap",
+    "DiJiangOfficialFeatureMap",
+    "FeatureMap",
+    "HedgehogFeatureMap",
+    "LinearAttention",
+    "LinearAttentionCache",
+    "LinearAttentionCacheLayer",
+    "LinearAttentionState",
+    "LinearizeConfig",
+    "PerformerFeatureMap",
+    "attention_mse",
+    "attention_transfer",
+    "build_feature_map",
+    "cache_nbytes",
+    "finetune",
+    "fla_available",
+    "get_linear_attention_op",
+    "linear_attention_chunked",
+    "linear_attention_fla",
+    "linear_attention_layers",
+    "linear_attention_parameters",
+    "linear_attention_recurrent",
+    "linear_attention_reference",
+    "linearize",
+    "linearize_config",
+    "load_linearized",
+    "save_linearized",
+]

@@ -1,0 +1,146 @@
+"""A transformers ``Cache`` holding one fixed-size :class:`LinearAttentionState` per linearised layer.
+
+The state is S [B, H, m, d_v] (and z [B, H, m] when normalised) whatever the context length, where a KV cache
+grows by 2·Hkv·d values per token. Each layer also counts the tokens it has seen, which is what transformers 5.x
+reads, through ``get_seq_length``, for the position ids of the next tokens, and through ``get_mask_sizes`` for
+the attention mask. The mask asked for covers only the new tokens (kv_length = query length, kv_offset = tokens
+seen): a linearised layer reads nothing from it but which new tokens are padding.
+
+Two ways in:
+
+- ``LinearAttentionCache()``: pass it as ``past_key_values`` to ``model(...)`` or ``model.generate(...)``.
+- Nothing: when a model's forward or ``generate`` creates its default ``DynamicCache``, each linearised layer
+  swaps its own still-empty slot for a :class:`LinearAttentionCacheLayer` on first use (:func:`state_layer`),
+  so ``model.generate(ids, max_new_tokens=...)`` works unchanged.
+
+A recurrent state cannot be rolled back: ``crop`` (assisted decoding) raises. Beam search (``reorder_cache``) and
+batch expansion/selection work on the batch dimension of the state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from slimtune.errors import ConfigError
+from slimtune.linear_attention.ops import LinearAttentionState
+
+
+class LinearAttentionCacheLayer(CacheLayerMixin):
+    """One layer's state (None before the first token) and the number of tokens it has absorbed."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state: LinearAttentionState | None = None
+        self.seen_tokens = 0
+
+    def advance(self, state: LinearAttentionState, tokens: int) -> None:
+        """Store the state after ``tokens`` more tokens."""
+        self.state = state
+        self.seen_tokens += tokens
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        raise RuntimeError("a LinearAttentionCacheLayer is filled by its LinearAttention layer, not with keys/values")
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise RuntimeError(
+            "a LinearAttentionCacheLayer holds a linear-attention state, not keys and values: a softmax attention "
+            "layer cannot use it (was the model only partly linearised?)"
+        )
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """(kv_length, kv_offset): a mask over the new tokens only, placed after the tokens seen."""
+        return query_length, self.seen_tokens
+
+    def get_seq_length(self) -> int:
+        return self.seen_tokens
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def nbytes(self) -> int:
+        """Bytes of the state tensors (0 before the first token)."""
+        if self.state is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self.state.S, self.state.z) if t is not None)
+
+    def reset(self) -> None:
+        self.state = None
+        self.seen_tokens = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove != 0:
+            raise RuntimeError(
+                f"cannot crop {tokens_to_remove} tokens: a linear-attention state cannot be rolled back "
+                "(assisted / speculative decoding is not supported)"
+            )
+
+    def offload(self) -> None:
+        self._map(lambda t: t.to("cpu", non_blocking=True))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices])
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self.state is not None:
+            z = None if self.state.z is None else fn(self.state.z)
+            self.state = LinearAttentionState(S=fn(self.state.S), z=z)
+
+
+class LinearAttentionCache(Cache):
+    """A cache of :class:`LinearAttentionCacheLayer`, one per layer, created as the layers first use it."""
+
+    def __init__(self) -> None:
+        super().__init__(layer_class_to_replicate=LinearAttentionCacheLayer)
+
+    def nbytes(self) -> int:
+        """Bytes held by every layer's state: constant once every layer has seen a token."""
+        return cache_nbytes(self)
+
+
+def state_layer(cache: Cache, layer_idx: int) -> LinearAttentionCacheLayer:
+    """The :class:`LinearAttentionCacheLayer` of ``layer_idx`` in ``cache``, made on first use.
+
+    A missing slot, or a still-empty key/value layer (what ``DynamicCache(config=...)`` pre-builds: a
+    ``DynamicLayer``, or a ``DynamicSlidingWindowLayer`` for sliding-window configs), is replaced by a new state
+    layer; a slot already holding keys and values is a ConfigError.
+    """
+    while len(cache.layers) <= layer_idx:
+        cache.layers.append(LinearAttentionCacheLayer())
+    layer = cache.layers[layer_idx]
+    if isinstance(layer, LinearAttentionCacheLayer):
+        return layer
+    if isinstance(layer, CacheLayerMixin) and not layer.is_initialized:
+        cache.layers[layer_idx] = LinearAttentionCacheLayer()
+        return cache.layers[layer_idx]
+    held = layer.get_seq_length() if isinstance(layer, CacheLayerMixin) else "some"
+    raise ConfigError(
+        f"cache layer {layer_idx} is a {type(layer).__name__} already holding {held} tokens of keys/values; a "
+        "linearised layer needs a LinearAttentionCache, or a fresh DynamicCache, as past_key_values"
+    )
+
+
+def cache_nbytes(cache: Cache) -> int:
+    """Bytes of the linear-attention states in ``cache`` (other layer kinds count their keys and values)."""
+    total = 0
+    for layer in cache.layers:
+        if isinstance(layer, LinearAttentionCacheLayer):
+            total += layer.nbytes()
+        elif getattr(layer, "keys", None) is not None:
+            total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+    return total

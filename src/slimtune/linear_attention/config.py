@@ -1,0 +1,80 @@
+"""``LinearizeConfig``: how :func:`slimtune.linear_attention.linearize` replaces softmax attention.
+
+Fields (validated in ``__post_init__``; a bad value raises ConfigError naming the field, the value and what is
+allowed):
+
+- ``feature_map``: a name in ``FEATURE_MAPS`` ("dijiang", "dijiang_official", "performer", "hedgehog").
+- ``m``: feature size per head; None means head_dim.
+- ``op``: the prefill/training op, a name in ``LINEAR_ATTENTION_OPS`` ("chunked", "reference", "recurrent",
+  "fla"); cached decoding of one token always uses "recurrent".
+- ``chunk_size``: chunk length of the "chunked" op.
+- ``decay``: a learnable per-head decay γ (RetNet / official DiJiang), initialised in [1 − 1/32, 1 − 1/512].
+- ``normalize``: divide by φ(q)·Σφ(k) (the linear-attention normaliser); the official DiJiang has none.
+- ``output_gate``: the official DiJiang output ``o_proj(swish(x W_G) ⊙ GroupNorm(o))``; randomly initialised,
+  so the converted model starts further from the original (off by default).
+- ``share_feature_map``: one map for queries and keys (DiJiang, a kernel estimate φ(q)·φ(k) ≈ exp(q·k)), or
+  two maps started equal and trained apart (as LoLCATs' learned maps).
+- ``seed``: seeds the random parts (feature-map frequencies, gate weights); layer i uses ``seed + i``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from slimtune.errors import ConfigError
+from slimtune.linear_attention.feature_maps import FEATURE_MAPS
+from slimtune.linear_attention.ops import LINEAR_ATTENTION_OPS
+
+
+@dataclasses.dataclass
+class LinearizeConfig:
+    """Settings of a softmax → linear attention conversion (module docstring)."""
+
+    feature_map: str = "dijiang"
+    m: int | None = None
+    op: str = "chunked"
+    chunk_size: int = 64
+    decay: bool = True
+    normalize: bool = True
+    output_gate: bool = False
+    share_feature_map: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.feature_map not in FEATURE_MAPS:
+            raise ConfigError(
+                f"feature_map={self.feature_map!r} is not allowed: expected one of {sorted(FEATURE_MAPS)}"
+            )
+        if self.m is not None and (not _is_int(self.m) or self.m < 1):
+            raise ConfigError(f"m={self.m!r} is not allowed: expected a positive int, or None for head_dim")
+        if self.feature_map == "hedgehog" and self.m is not None and self.m % 2:
+            raise ConfigError(f"m={self.m!r} is not allowed with feature_map='hedgehog': expected an even int")
+        if self.op not in LINEAR_ATTENTION_OPS:
+            raise ConfigError(f"op={self.op!r} is not allowed: expected one of {sorted(LINEAR_ATTENTION_OPS)}")
+        if not _is_int(self.chunk_size) or self.chunk_size < 1:
+            raise ConfigError(f"chunk_size={self.chunk_size!r} is not allowed: expected a positive int")
+        for name in ("decay", "normalize", "output_gate", "share_feature_map"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not allowed: expected True or False")
+        if not _is_int(self.seed) or self.seed < 0:
+            raise ConfigError(f"seed={self.seed!r} is not allowed: expected an int >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LinearizeConfig:
+        """Rebuild a config from :meth:`to_dict` output; unknown keys are a ConfigError naming them."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a LinearizeConfig dict is expected, got {type(data).__name__}")
+        allowed = [field.name for field in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(allowed))
+        if unknown:
+            raise ConfigError(f"unknown LinearizeConfig field(s) {unknown}; allowed: {allowed}")
+        return cls(**data)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

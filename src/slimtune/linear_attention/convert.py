@@ -1,0 +1,259 @@
+"""Turn the softmax attention of an HF causal LM into linear attention in place, and save / load the new parts.
+
+Supported attention classes (transformers 5.23): ``LlamaAttention`` (Llama, SmolLM2), ``Qwen2Attention``,
+``MistralAttention``, ``GPTNeoXAttention`` (Pythia; fused ``query_key_value``, partial RoPE) and
+``GPT2Attention`` (fused Conv1D ``c_attn``, no RoPE; cross-attention modules are left alone). Qwen2/Mistral
+sliding-window layers become global linear attention (the decay is what keeps them local).
+
+:func:`linearize` freezes nothing; :func:`linear_attention_parameters` lists what it added, for an optimiser or
+for freezing the rest. :func:`save_linearized` writes the added tensors (safetensors) and the config (JSON),
+each atomically; :func:`load_linearized` converts a fresh model with that config and fills them in, checking
+every name and shape first so that a mismatch leaves the model untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from slimtune.errors import AdapterFileError, ConfigError
+from slimtune.fileio import atomic_write, atomic_write_json
+from slimtune.linear_attention.config import LinearizeConfig
+from slimtune.linear_attention.layer import AttentionSpec, LinearAttention
+
+TENSORS_FILE = "linear_attention.safetensors"
+CONFIG_FILE = "linear_attention_config.json"
+FORMAT_VERSION = 1
+
+
+def _heads(layer: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """[B, T, n·d] → [B, n, T, d] with d = layer.head_dim."""
+    b, t, _ = tensor.shape
+    return tensor.view(b, t, -1, layer.head_dim).transpose(1, 2)
+
+
+def _project_separate(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _heads(layer, layer.q_proj(x)), _heads(layer, layer.k_proj(x)), _heads(layer, layer.v_proj(x))
+
+
+def _project_neox(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, t, _ = x.shape
+    qkv = layer.query_key_value(x).view(b, t, -1, 3 * layer.head_dim).transpose(1, 2)  # [B, H, T, 3d]
+    return qkv.chunk(3, dim=-1)
+
+
+def _project_gpt2(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v = layer.c_attn(x).split(layer.num_heads * layer.head_dim, dim=2)  # 3 × [B, T, H·d]
+    return _heads(layer, q), _heads(layer, k), _heads(layer, v)
+
+
+_LLAMA_LIKE = AttentionSpec(
+    kept=("q_proj", "k_proj", "v_proj", "o_proj"),
+    project=_project_separate,
+    output=lambda layer, o: layer.o_proj(o),
+    cache_kwarg="past_key_values",
+    rotary=None,
+)
+_SPECS: dict[str, AttentionSpec] = {
+    "LlamaAttention": _LLAMA_LIKE,
+    "Qwen2Attention": _LLAMA_LIKE,
+    "MistralAttention": _LLAMA_LIKE,
+    "GPTNeoXAttention": AttentionSpec(
+        kept=("query_key_value", "dense"),
+        project=_project_neox,
+        output=lambda layer, o: layer.dense(o),
+        cache_kwarg="layer_past",
+        rotary=None,
+    ),
+    "GPT2Attention": AttentionSpec(
+        kept=("c_attn", "c_proj", "resid_dropout"),
+        project=_project_gpt2,
+        output=lambda layer, o: layer.resid_dropout(layer.c_proj(o)),
+        cache_kwarg="past_key_values",
+        rotary=None,
+    ),
+}
+_ROPE = ("LlamaAttention", "Qwen2Attention", "MistralAttention", "GPTNeoXAttention")
+SUPPORTED_ATTENTION = tuple(sorted(_SPECS))
+
+
+def linearize(model: nn.Module, config: LinearizeConfig | None = None) -> nn.Module:
+    """Replace every supported softmax self-attention module of ``model`` by a :class:`LinearAttention`, in place.
+
+    The pretrained projections are reused (shared, not copied); only the new parts of ``config`` are added.
+    Nothing is frozen. Returns ``model``, which remembers ``config`` as ``model.slimtune_linearize_config``.
+
+    Raises:
+        ConfigError: ``model`` is already linearised, or has no supported attention module (the message names
+            the attention classes found and the supported ones).
+    """
+    config = LinearizeConfig() if config is None else config
+    _replace(model, _build(model, config), config)
+    return model
+
+
+def linear_attention_layers(model: nn.Module) -> Iterator[tuple[str, LinearAttention]]:
+    """Every :class:`LinearAttention` of ``model`` with its module name."""
+    for name, module in model.named_modules():
+        if isinstance(module, LinearAttention):
+            yield name, module
+
+
+def linear_attention_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters :func:`linearize` added (feature maps, decays, gates, norms), in module order."""
+    return [p for _, layer in linear_attention_layers(model) for p in layer.new_parameters()]
+
+
+def save_linearized(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the added tensors to ``directory/linear_attention.safetensors`` and the config to
+    ``directory/linear_attention_config.json`` (each atomically, the JSON last). Returns ``directory``.
+
+    Raises:
+        ConfigError: ``model`` is not linearised.
+    """
+    config = linearize_config(model)
+    directory = Path(directory)
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in _new_tensors(model).items()}
+    atomic_write(directory / TENSORS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    record = {
+        "format_version": FORMAT_VERSION,
+        "config": config.to_dict(),
+        "tensors": {name: list(t.shape) for name, t in tensors.items()},
+    }
+    atomic_write_json(directory / CONFIG_FILE, record)
+    return directory
+
+
+def load_linearized(model_or_path: nn.Module | str | os.PathLike, directory: str | os.PathLike) -> nn.Module:
+    """Linearise a model with the saved config and fill in the saved tensors; returns the model.
+
+    ``model_or_path``: a model (changed in place) or what :func:`slimtune.models.load_model` accepts
+    ("smollm2" or a local Hugging Face folder). Every saved tensor must match one the conversion adds, by
+    name and shape, and none may be missing; otherwise nothing is changed.
+
+    Raises:
+        AdapterFileError: a file is missing or damaged, or the tensors do not fit this model (the message lists
+            the missing, unexpected and mis-shaped names).
+        ConfigError: the model is already linearised or has no supported attention.
+    """
+    directory = Path(directory)
+    record = _read_record(directory)
+    config = LinearizeConfig.from_dict(record["config"])
+    if isinstance(model_or_path, nn.Module):
+        model = model_or_path
+    else:
+        from slimtune.models import load_model
+
+        model = load_model(model_or_path)[0]
+    try:
+        saved = load_file(directory / TENSORS_FILE)
+    except (OSError, SafetensorError) as err:
+        raise AdapterFileError(f"{directory / TENSORS_FILE}: cannot read the saved tensors ({err})") from err
+    built = _build(model, config)
+    expected = {f"{name}.{key}": t for name, layer in built for key, t in layer.new_state_dict().items()}
+    _check_fit(saved, expected, directory)
+    with torch.no_grad():
+        for name, tensor in expected.items():
+            tensor.copy_(saved[name])
+    _replace(model, built, config)
+    return model
+
+
+def linearize_config(model: nn.Module) -> LinearizeConfig:
+    """The config ``model`` was linearised with; ConfigError if it was not."""
+    config = getattr(model, "slimtune_linearize_config", None)
+    if config is None:
+        raise ConfigError(f"{type(model).__name__} is not linearised: call linearize(model, config) first")
+    return config
+
+
+def _build(model: nn.Module, config: LinearizeConfig) -> list[tuple[str, LinearAttention]]:
+    """One new layer per supported attention module, built without touching ``model``."""
+    if not isinstance(config, LinearizeConfig):
+        raise ConfigError(f"config={config!r} is not allowed: expected a LinearizeConfig")
+    if getattr(model, "slimtune_linearize_config", None) is not None:
+        raise ConfigError(f"{type(model).__name__} is already linearised; convert a fresh model instead")
+    built, seen = [], set()
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if "Attention" in kind:
+            seen.add(kind)
+        if kind in _SPECS and not getattr(module, "is_cross_attention", False):
+            built.append((name, _new_layer(module, kind, config, len(built))))
+    if not built:
+        found = sorted(seen) or "none"
+        raise ConfigError(
+            f"{type(model).__name__} has no supported softmax attention module (attention classes found: {found}); "
+            f"supported: {list(SUPPORTED_ATTENTION)}"
+        )
+    return built
+
+
+def _new_layer(module: nn.Module, kind: str, config: LinearizeConfig, index: int) -> LinearAttention:
+    spec = _SPECS[kind]
+    if kind in _ROPE:
+        spec = dataclasses.replace(spec, rotary=sys.modules[type(module).__module__].apply_rotary_pos_emb)
+    cfg = module.config
+    if kind == "GPT2Attention":
+        heads = kv_heads = module.num_heads
+        head_dim = module.head_dim
+    elif kind == "GPTNeoXAttention":
+        heads = kv_heads = cfg.num_attention_heads
+        head_dim = module.head_size
+    else:
+        heads, kv_heads, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, module.head_dim
+    layer_idx = module.layer_idx if isinstance(module.layer_idx, int) else index
+    return LinearAttention(
+        module, spec, config, layer_idx=layer_idx, hidden_size=cfg.hidden_size,
+        num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+    )
+
+
+def _replace(model: nn.Module, built: list[tuple[str, LinearAttention]], config: LinearizeConfig) -> None:
+    for name, layer in built:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer)
+    model.slimtune_linearize_config = config
+
+
+def _new_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    layers = linear_attention_layers(model)
+    return {f"{name}.{key}": t for name, layer in layers for key, t in layer.new_state_dict().items()}
+
+
+def _read_record(directory: Path) -> dict:
+    path = directory / CONFIG_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise AdapterFileError(f"{path}: cannot read a linear-attention config ({err})") from err
+    if not isinstance(record, dict) or record.get("format_version") != FORMAT_VERSION or "config" not in record:
+        raise AdapterFileError(
+            f"{path}: not a linear-attention config of format_version {FORMAT_VERSION} "
+            f"(got format_version={record.get('format_version') if isinstance(record, dict) else None!r})"
+        )
+    return record
+
+
+def _check_fit(saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], directory: Path) -> None:
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    shapes = sorted(
+        f"{name} saved {tuple(saved[name].shape)} vs model {tuple(t.shape)}"
+        for name, t in expected.items()
+        if name in saved and saved[name].shape != t.shape
+    )
+    if missing or unexpected or shapes:
+        raise AdapterFileError(
+            f"{directory}: the saved linear-attention tensors do not fit this model; missing: {missing[:5]} "
+            f"({len(missing)}), unexpected: {unexpected[:5]} ({len(unexpected)}), shape mismatches: {shapes[:5]}"
+        )

@@ -1,0 +1,238 @@
+"""``LinearAttention``: a drop-in replacement for an HF softmax attention module, keeping its pretrained parts.
+
+The original module's projections (and, for GPT-2, its residual dropout) become children of the new layer under
+their original names, so the weights are the same tensors (not copies), state-dict keys do not change and
+adapters still find ``q_proj`` etc. by name. What an architecture looks like (which children, how q/k/v come
+out of them, the cache keyword, its RoPE function) is an :class:`AttentionSpec`, filled in by ``convert.py``.
+
+Per token, for query head h (GQA: key/value heads are repeated to the H query heads, as HF's ``repeat_kv``):
+
+    q, k = RoPE(q, k)                              (skipped without RoPE, e.g. GPT-2)
+    φq, φk = φ(s·q), φ_k(s·k)                      s = d^(−1/4) for the exp-kernel maps, else 1
+    o_t = Σ_{s≤t} γ^(t−s) (φq_t·φk_s) v_s  [/ Σ_{s≤t} γ^(t−s) φq_t·φk_s + eps]   (normalize)
+    out = o_proj(o)  or  o_proj(swish(x W_G) ⊙ GroupNorm(o))                     (output_gate)
+
+- s = d^(−1/4) on both q and k makes φ(q)·φ(k) estimate exp(q·k/√d), the softmax kernel, for the exp-kernel
+  maps ("dijiang", "performer"). The softmax-over-features maps ("dijiang_official", "hedgehog") get the raw
+  q, k, as in their reference code.
+- Stabiliser of the exp maps: each token's features are divided by exp(max_j y_j), detached (``feature_maps``).
+  For queries this cancels in the normaliser (``normalize=True``, the default). For keys it reweights key s by
+  c(k_s) = exp(−max_j y_j(k_s)). We keep that reweighting rather than undo it: undoing needs a shift that is one
+  constant for all tokens, and any constant either depends on the whole sequence (breaking causality and the
+  equality of cached decoding with a full forward) or is fixed and overflows on long contexts in half precision;
+  clamping the exponent instead biases exactly the large logits softmax attends to. A per-token normalisation of
+  keys is also what the official DiJiang code and Hedgehog do (a softmax over features); attention transfer
+  (``transfer.py``) trains the map's weights with the reweighting in place. Measured on SmolLM2-135M (untrained
+  "dijiang" map, 2 BBC News blocks of 128 tokens), the summed per-layer MSE to the softmax outputs is 102 with
+  the per-token shift, 118 with no shift at all (exact exp; largest exponent 9.5 in fp32) and 133 with FAVOR+'s
+  −|x|²/2 instead: the reweighting does not cost accuracy here.
+- γ = exp(−exp(θ_h)) per query head, θ learnable (``decay_log_rate``), so 0 < γ < 1 always; initialised as the
+  official DiJiang code, 1 − γ geometric from 1/32 to 1/512 across heads.
+- Padding: keys at positions the attention mask hides are zeroed (φk = 0), so left-padded batches decode right.
+
+Prefill and training run ``config.op`` (chunked by default); with a cache, a one-token step runs the recurrent op
+on the carried :class:`LinearAttentionState` (``cache.py``), whose size does not depend on the context length.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import Cache
+
+from slimtune.errors import ConfigError, ShapeError
+from slimtune.linear_attention.cache import state_layer
+from slimtune.linear_attention.config import LinearizeConfig
+from slimtune.linear_attention.feature_maps import FEATURE_MAPS, FeatureMap, build_feature_map
+from slimtune.linear_attention.ops import get_linear_attention_op, linear_attention_recurrent
+
+KERNEL_MAPS = ("dijiang", "performer")
+DECAY_RANGE = (1 / 32, 1 / 512)
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What a :class:`LinearAttention` needs to know about the attention class it replaces.
+
+    kept: names of the original's children reused under the same names (projections, dropout).
+    project: (layer, hidden_states [B, T, D]) → q [B, H, T, d], k [B, Hkv, T, d], v [B, Hkv, T, d].
+    output: (layer, o [B, T, H·d]) → [B, T, D]: the output projection (and dropout) of the original.
+    cache_kwarg: the keyword the decoder layer passes the cache under ("past_key_values", "layer_past").
+    rotary: the architecture's ``apply_rotary_pos_emb(q, k, cos, sin)``, or None when it has no RoPE.
+    """
+
+    kept: tuple[str, ...]
+    project: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    output: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    cache_kwarg: str
+    rotary: Callable | None
+
+
+class LinearAttention(nn.Module):
+    """Causal linear attention on the pretrained projections of ``original`` (module docstring).
+
+    New parts (:meth:`new_state_dict`): ``feature_map`` (and ``feature_map_k`` unless shared), ``decay_log_rate``
+    [H] (with decay), ``gate`` (Linear D → H·d) and ``group_norm`` (H groups) with the output gate. They take
+    the device and dtype of the kept projections. ``original`` is kept (not as a child: its weights are the kept
+    children) so that attention transfer can run the softmax attention it replaces.
+
+    Called like the replaced module; returns (output [B, T, D], None).
+    """
+
+    def __init__(
+        self,
+        original: nn.Module,
+        spec: AttentionSpec,
+        config: LinearizeConfig,
+        *,
+        layer_idx: int,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+    ) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ShapeError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+        self.spec, self.config, self.layer_idx = spec, config, layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        for name in spec.kept:
+            self.add_module(name, getattr(original, name))
+        self.__dict__["original"] = original  # plain attribute: registering it would list the kept weights twice
+        reference = next(p for name in spec.kept for p in getattr(self, name).parameters())
+        self.op = get_linear_attention_op(config.op)
+        self.qk_scale = head_dim**-0.25 if config.feature_map in KERNEL_MAPS else 1.0
+        seed = config.seed + layer_idx
+        self.feature_map = self._build_map(seed)
+        self.feature_map_k = None if config.share_feature_map else self._build_map(seed)
+        self.decay_log_rate = None
+        if config.decay:
+            theta = initial_decay_log_rate(num_heads).to(device=reference.device, dtype=reference.dtype)
+            self.decay_log_rate = nn.Parameter(theta)
+        self.gate, self.group_norm = None, None
+        if config.output_gate:
+            self.gate = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+            nn.init.xavier_uniform_(self.gate.weight, gain=2**-2.5, generator=torch.Generator().manual_seed(seed))
+            self.group_norm = nn.GroupNorm(num_heads, num_heads * head_dim)
+        for name, module in self.named_children():
+            if name not in spec.kept:
+                module.to(device=reference.device, dtype=reference.dtype)
+
+    def _build_map(self, seed: int) -> FeatureMap:
+        params = inspect.signature(FEATURE_MAPS[self.config.feature_map].__init__).parameters
+        options = {"seed": seed} if "seed" in params else {}
+        return build_feature_map(self.config.feature_map, self.head_dim, self.num_heads, self.config.m, **options)
+
+    def log_decay(self) -> torch.Tensor | None:
+        """log γ [H] = −exp(decay_log_rate), every entry < 0; None without decay."""
+        return None if self.decay_log_rate is None else -self.decay_log_rate.exp()
+
+    def new_state_dict(self) -> dict[str, torch.Tensor]:
+        """Parameters and buffers added by the conversion (names relative to this layer)."""
+        return {name: t for name, t in self.state_dict().items() if name.split(".")[0] not in self.spec.kept}
+
+    def new_parameters(self) -> list[nn.Parameter]:
+        """The trainable tensors added by the conversion (feature maps, decay, gate, norm)."""
+        return [p for name, p in self.named_parameters() if name.split(".")[0] not in self.spec.kept]
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
+        """hidden_states [B, T, D] → (output [B, T, D], None); other arguments as the replaced module's."""
+        if args:
+            kwargs = self._keywords(hidden_states, args, kwargs)
+        b, t, _ = hidden_states.shape
+        q, k, v = self.spec.project(self, hidden_states)
+        if self.spec.rotary is not None:
+            if kwargs.get("position_embeddings") is None:
+                name = type(self.original).__name__
+                raise ConfigError(f"{name} uses RoPE: position_embeddings=(cos, sin) is required, got None")
+            cos, sin = kwargs["position_embeddings"]
+            q, k = self.spec.rotary(q, k, cos, sin)
+        valid = key_padding(kwargs.get("attention_mask"), t)
+        o = self.attend(q, k, v, valid, kwargs.get(self.spec.cache_kwarg))
+        o = o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)  # [B, T, H·d]
+        if self.gate is not None:
+            normed = self.group_norm(o.reshape(b * t, -1)).view(b, t, -1)  # [B, T, H·d]
+            o = normed * F.silu(self.gate(hidden_states))
+        return self.spec.output(self, o), None
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        """q [B, H, T, d], k, v [B, Hkv, T, d], valid [B, T] (False: padding) → o [B, H, T, d].
+
+        With a transformers ``Cache``, starts from this layer's state in it and stores the state after T tokens.
+        """
+        rep = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, T, d]
+        fq = self.feature_map(q * self.qk_scale)  # [B, H, T, m]
+        key_map = self.feature_map if self.feature_map_k is None else self.feature_map_k
+        fk = key_map(k * self.qk_scale)  # [B, H, T, m]
+        if valid is not None:
+            fk = fk * valid[:, None, :, None].to(fk.dtype)
+        c = self.config
+        options = {"log_decay": self.log_decay(), "normalize": c.normalize, "chunk_size": c.chunk_size}
+        if cache is None:
+            return self.op(fq, fk, v, **options)[0]
+        layer = state_layer(cache, self.layer_idx)
+        op = linear_attention_recurrent if q.shape[2] == 1 else self.op
+        o, state = op(fq, fk, v, initial_state=layer.state, output_final_state=True, **options)
+        layer.advance(state, q.shape[2])
+        return o
+
+    def _keywords(self, hidden_states: torch.Tensor, args: tuple, kwargs: dict) -> dict:
+        """Positional arguments named by the replaced module's own signature, merged into ``kwargs``."""
+        signature = inspect.signature(self.original.forward)
+        merged = {}
+        for name, value in signature.bind(hidden_states, *args, **kwargs).arguments.items():
+            if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                merged.update(value)
+            else:
+                merged[name] = value
+        return merged
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"feature_map={c.feature_map}, heads={self.num_heads}/{self.num_kv_heads}, head_dim={self.head_dim}, "
+            f"op={c.op}, decay={c.decay}, normalize={c.normalize}, output_gate={c.output_gate}"
+        )
+
+
+def initial_decay_log_rate(num_heads: int) -> torch.Tensor:
+    """θ [H] with γ_h = exp(−exp(θ_h)) = 1 − r_h, r_h geometric from 1/32 (head 0) to 1/512 (last head)."""
+    rate = torch.exp(torch.linspace(math.log(DECAY_RANGE[0]), math.log(DECAY_RANGE[1]), num_heads, dtype=torch.float64))
+    return torch.log(-torch.log1p(-rate)).to(torch.get_default_dtype())
+
+
+def key_padding(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """[B, T] bool, False where the new token is padding, read from the mask the decoder layer passes; or None.
+
+    A 4-D mask [B, 1, T, kv] (bool: True = visible; float: 0 = visible) is read on its diagonal over the last T
+    key columns (a token sees itself unless it is padding); a 2-D mask [B, kv] on its last T columns.
+    """
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise ConfigError(
+            f"attention_mask of type {type(attention_mask).__name__} is not supported by LinearAttention; "
+            "use attn_implementation 'sdpa' or 'eager'"
+        )
+    if attention_mask.dim() == 2:
+        return attention_mask[:, -length:].bool()
+    if attention_mask.dim() != 4:
+        shape = tuple(attention_mask.shape)
+        raise ShapeError(f"attention_mask must be 2-D [B, kv] or 4-D [B, 1, T, kv], got shape {shape}")
+    rows = torch.arange(length, device=attention_mask.device)
+    diagonal = attention_mask[:, 0, rows, attention_mask.shape[-1] - length + rows]  # [B, T]
+    return diagonal if diagonal.dtype == torch.bool else diagonal == 0

@@ -1,9 +1,14 @@
-"""`make demo`: adapt the real SmolLM2-135M with Bone, train briefly on BBC News text, show what changed.
+"""`make demo`: five adapter methods on the real SmolLM2-135M with BBC News text, then the best one merged.
 
-Steps: load the bundled model (converted from GGUF once, then cached), measure held-out loss, inject Bone
-(r=64 on all seven projections), train ``--steps`` AdamW steps on packed BBC News text, measure held-out loss
-again, save the adapter, load it into a fresh copy and check the outputs are identical, then merge it into the
-weights and generate a few tokens. Run ``python -m slimtune.demo --help`` for the options.
+1. Load SmolLM2-135M-Instruct (converted once from the bundled GGUF file, then cached) and pack BBC News
+   training and validation articles into 128-token blocks.
+2. :func:`slimtune.compare.compare` LoRA, Bone, Bat-Row, SURM circulant and LoRA-SP, each with 2.2M–2.5M
+   trainable parameters on all seven projections of every layer, for the same ``--steps`` AdamW steps on the
+   same blocks in the same order; print the table; write ``<out>/loss_curves.png`` and ``<out>/compare.json``.
+3. Load the adapter with the lowest validation loss into a fresh copy of the model, merge it into the weights
+   and generate greedily, beside the base model's generation of the same prompt.
+
+Run ``python -m slimtune.demo --help`` for the options.
 """
 
 from __future__ import annotations
@@ -15,55 +20,60 @@ import time
 
 import torch
 
-import slimtune as st
+from slimtune.compare import DEFAULT_RUNS, best_run, compare, format_table
 from slimtune.data import lm_blocks
+from slimtune.inject import merge_and_unload
 from slimtune.models import load_smollm2
-from slimtune.train import evaluate_lm, train_lm
+from slimtune.serialization import load_adapter
+from slimtune.train import TrainConfig
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROMPT = "The government said"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--r", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--eval-blocks", type=int, default=24)
-    parser.add_argument("--out", default="runs/demo/bone")
-    args = parser.parse_args()
-    torch.manual_seed(0)
+    parser.add_argument("--steps", type=int, default=20, help="AdamW steps per method (default: 20)")
+    parser.add_argument("--batch-size", type=int, default=2, help="blocks per step (default: 2)")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per block (default: 128)")
+    parser.add_argument("--eval-blocks", type=int, default=16, help="validation blocks (default: 16)")
+    parser.add_argument("--methods", nargs="+", choices=[run.label for run in DEFAULT_RUNS],
+                        default=[run.label for run in DEFAULT_RUNS], help="which of the five to run (default: all)")
+    parser.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    args = parser.parse_args(argv)
 
     start = time.perf_counter()
     model, tokenizer = load_smollm2(dtype=torch.float32)
-    print(f"loaded SmolLM2-135M in {time.perf_counter() - start:.1f} s")
-    train = lm_blocks(tokenizer, split="train", seq_len=args.seq_len, max_blocks=args.steps * args.batch_size)
+    train_blocks = lm_blocks(tokenizer, split="train", seq_len=args.seq_len, max_blocks=args.steps * args.batch_size)
     held_out = lm_blocks(tokenizer, split="validation", seq_len=args.seq_len, max_blocks=args.eval_blocks)
-    base = copy.deepcopy(model)
+    print(f"SmolLM2-135M and BBC News ready in {time.perf_counter() - start:.1f} s: {len(train_blocks)} training and "
+          f"{len(held_out)} validation blocks of {args.seq_len} tokens; {torch.get_num_threads()} threads")
 
-    before = evaluate_lm(model, held_out, args.batch_size)
-    st.get_adapted_model(model, st.DishaConfig(r=args.r, variant="bone", target_modules=TARGETS))
-    print(f"Bone r={args.r}: {st.parameter_counts(model)}")
-    result = train_lm(model, train, steps=args.steps, batch_size=args.batch_size, lr=args.lr)
-    after = evaluate_lm(model, held_out, args.batch_size)
-    print(f"training loss: first step {result.losses[0]:.4f}, last step {result.losses[-1]:.4f} "
-          f"({result.tokens:,} tokens in {result.seconds:.1f} s)")
-    print(f"held-out BBC News loss: before {before:.4f} (ppl {math.exp(before):.2f}) -> "
-          f"after {after:.4f} (ppl {math.exp(after):.2f})")
+    torch.manual_seed(0)
+    config = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, warmup=max(1, args.steps // 10), seed=0,
+        eval_every=max(1, args.steps // 2),
+    )
+    runs = [run for run in DEFAULT_RUNS if run.label in args.methods]
+    record = compare(model, runs, train_blocks, held_out, config, args.out, model_name="SmolLM2-135M-Instruct")
+    print(f"\n## {args.steps} steps of {args.batch_size} x {args.seq_len} tokens per method\n")
+    print(format_table(record))
+    print(f"\nloss curves: {args.out}/loss_curves.png; record: {args.out}/compare.json")
 
-    st.save_adapter(model, args.out)
-    reloaded = st.load_adapter(copy.deepcopy(base), args.out)
-    probe = held_out[:1]
+    best = best_run(record)
+    merged = merge_and_unload(load_adapter(copy.deepcopy(model), best["adapter"]))
+    print(f"\nbest validation loss: {best['label']} ({best['eval_loss']:.4f}, perplexity {math.exp(best['eval_loss']):.2f}"
+          f" vs {math.exp(record['base_eval_loss']):.2f} before); merged into the weights")
+    for name, generator in (("base model", model), (f"merged {best['label']}", merged)):
+        print(f"{name:>20}: {generate(generator, tokenizer, PROMPT)!r}")
+    print(f"\ndemo finished in {time.perf_counter() - start:.1f} s")
+
+
+def generate(model: torch.nn.Module, tokenizer: object, prompt: str, new_tokens: int = 24) -> str:
+    """Greedy continuation of ``prompt``."""
+    inputs = tokenizer(prompt, return_tensors="pt")
     model.eval()
-    same = torch.equal(reloaded(input_ids=probe).logits, model(input_ids=probe).logits)
-    print(f"saved to {args.out}; reloaded adapter gives identical logits: {same}")
-
-    merged = st.merge_and_unload(model)
-    prompt = tokenizer("The government said", return_tensors="pt")
-    output = merged.generate(**prompt, max_new_tokens=20, do_sample=False)
-    print("merged model generates:", repr(tokenizer.decode(output[0], skip_special_tokens=True)))
-    print(f"demo finished in {time.perf_counter() - start:.1f} s")
+    output = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(output[0], skip_special_tokens=True)
 
 
 if __name__ == "__main__":

@@ -1,27 +1,131 @@
-"""A plain causal-LM training loop over packed token blocks, and held-out evaluation.
+"""One plain causal-LM training loop on ``accelerate``, with checkpoints that resume exactly.
 
-Small on purpose: AdamW on the trainable parameters, cosine schedule with linear warm-up, a progress bar, a
-clear stop on a non-finite loss. Used by the demo and the quality benchmarks.
+:func:`train` runs AdamW on the trainable parameters over packed token blocks [n, seq_len]: gradient
+accumulation, a cosine schedule with linear warm-up, periodic held-out evaluation, a progress bar on the main
+process, one JSON line of metrics per step in ``<output_dir>/metrics.jsonl`` (and TensorBoard scalars when
+``tensorboard`` is installed), and checkpoints every N steps (:mod:`slimtune.checkpoint`). DDP, FSDP or DeepSpeed
+come from ``accelerate launch`` and its config; the loop itself has no distributed code beyond asking accelerate
+to reduce the loss for logging. Only DDP on CPU (gloo) is tested.
+
+Data order. Optimizer step s takes the global samples ``s·G … (s+1)·G − 1``, G = batch_size × grad_accum ×
+num_processes; micro-step m of process r takes the ``batch_size`` samples starting at ``s·G + (m·P + r)·batch_size``.
+Global sample p is block ``perm_e[p mod n]`` of epoch e = p // n, with ``perm_e`` a permutation drawn from
+(seed, e) (or the identity without shuffling). So the data order depends only on the step, a resumed run sees
+the same data, and 2 processes × batch b give the same steps as 1 process × batch 2b (each block has the same
+number of tokens, so the mean of the processes' mean losses is the global mean).
+
+Resume (``resume=True``) restores the newest complete checkpoint: trainable parameters, optimizer and
+scheduler state, every process's Python/NumPy/torch RNG and the step (hence the data position), so the final
+weights equal an uninterrupted run's. A NaN or inf loss stops training before it touches the weights, with a
+FloatingPointError naming the step, the learning rate and the last good checkpoint.
+
+Evaluation: :func:`evaluate_lm` (mean held-out loss) and :func:`topic_accuracy` (zero-shot topic classification).
+:func:`train_lm` is the short form the benchmarks and the linear-attention recovery use.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib.util
+import json
 import math
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
+from accelerate import Accelerator
 from torch import nn
 from tqdm import tqdm
 
+from slimtune.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
 from slimtune.errors import ConfigError
+from slimtune.fileio import atomic_write
+
+METRICS_FILE = "metrics.jsonl"
+RUN_SETTINGS = ("global_batch", "n_blocks", "seq_len", "seed", "shuffle", "num_processes")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Settings of :func:`train`.
+
+    Args:
+        steps: optimizer steps in all (a resumed run goes on up to this many).
+        batch_size: blocks per micro-batch on each process.
+        grad_accum: micro-batches per optimizer step (their gradients are summed, the loss divided).
+        lr: peak learning rate of AdamW.
+        warmup: steps of linear warm-up before the cosine decay to 0 at ``steps``.
+        weight_decay: AdamW's decoupled weight decay.
+        max_grad_norm: clip the global gradient norm to this (None: no clipping).
+        seed: draws the order of the blocks, one permutation per epoch.
+        shuffle: False takes the blocks in order, cycling.
+        eval_every: evaluate on the held-out blocks every this many steps (and always after the last one).
+        eval_batch_size: blocks per evaluation batch.
+        output_dir: where ``metrics.jsonl`` and ``checkpoints/`` go (None: neither is written).
+        checkpoint_every: save a checkpoint every this many steps (needs ``output_dir``).
+        keep_checkpoints: how many of the newest checkpoints to keep.
+        resume: go on from the newest complete checkpoint in ``output_dir`` (start afresh when there is none).
+        progress: show a progress bar (main process only).
+        desc: the progress bar's label.
+    """
+
+    steps: int = 100
+    batch_size: int = 2
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = None
+    seed: int = 0
+    shuffle: bool = True
+    eval_every: int | None = None
+    eval_batch_size: int = 4
+    output_dir: str | None = None
+    checkpoint_every: int | None = None
+    keep_checkpoints: int = 2
+    resume: bool = False
+    progress: bool = True
+    desc: str = "training"
+
+    def __post_init__(self) -> None:
+        for field in ("steps", "batch_size", "grad_accum", "eval_batch_size", "keep_checkpoints"):
+            _check_int(field, getattr(self, field), minimum=1)
+        for field in ("eval_every", "checkpoint_every"):
+            if getattr(self, field) is not None:
+                _check_int(field, getattr(self, field), minimum=1)
+        _check_int("warmup", self.warmup, minimum=0)
+        _check_int("seed", self.seed, minimum=0)
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr < math.inf:
+            raise ConfigError(f"lr={self.lr!r} is not allowed: expected a positive number")
+        if not isinstance(self.weight_decay, (int, float)) or not 0 <= self.weight_decay < math.inf:
+            raise ConfigError(f"weight_decay={self.weight_decay!r} is not allowed: expected a number >= 0")
+        if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0):
+            raise ConfigError(f"max_grad_norm={self.max_grad_norm!r} is not allowed: expected a positive number or None")
+        if self.output_dir is None:
+            for field in ("checkpoint_every", "resume"):
+                if getattr(self, field):
+                    raise ConfigError(f"{field}={getattr(self, field)!r} needs output_dir: set output_dir to a folder")
 
 
 @dataclasses.dataclass
 class TrainResult:
+    """What a :func:`train` call did. ``losses`` and ``step_seconds`` cover the steps run by this call only.
+
+    ``losses[i]`` is the mean training loss of step ``start_step + i + 1`` over all processes and micro-batches;
+    ``eval_losses`` maps a step (1-based count of steps done) to the held-out loss after it; ``tokens`` counts
+    the tokens trained on in this call, over all processes; ``checkpoint`` is the last one saved (or None).
+    """
+
     losses: list[float]
     seconds: float
     tokens: int
+    step_seconds: list[float] = dataclasses.field(default_factory=list)
+    eval_losses: dict[int, float] = dataclasses.field(default_factory=dict)
+    start_step: int = 0
+    checkpoint: Path | None = None
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -36,6 +140,98 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def train(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    config: TrainConfig,
+    eval_blocks: torch.Tensor | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` (an HF causal LM; ``model(input_ids=, labels=)`` returns ``.loss``) on ``blocks`` [n, seq_len].
+
+    ``eval_blocks`` [m, seq_len]: held-out blocks, evaluated every ``config.eval_every`` steps and after the last.
+    ``on_step(record)`` is called on every process after each step with the step's metrics (the line written to
+    ``metrics.jsonl``), after that step's evaluation and checkpoint.
+
+    Raises:
+        ConfigError: no trainable parameter, no blocks, or a checkpoint that does not fit this run (the message
+            names the setting that changed).
+        FloatingPointError: the loss became NaN or inf (the message names the step, the learning rate and the
+            last good checkpoint; the weights are left as they were before that step).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the model has no trainable parameter: inject an adapter first")
+    if len(blocks) == 0:
+        raise ConfigError("blocks is empty: expected at least one token block to train on")
+    accelerator = Accelerator()
+    settings = {
+        "global_batch": config.batch_size * config.grad_accum * accelerator.num_processes,
+        "n_blocks": len(blocks),
+        "seq_len": blocks.shape[1],
+        "seed": config.seed,
+        "shuffle": config.shuffle,
+        "num_processes": accelerator.num_processes,
+    }
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = cosine_with_warmup(optimizer, config.warmup, config.steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    root = checkpoint_root(config.output_dir) if config.output_dir is not None else None
+    start_step, last_checkpoint = 0, None
+    if config.resume:
+        last_checkpoint = latest_checkpoint(root)
+        if last_checkpoint is not None:
+            state = load_checkpoint(last_checkpoint, unwrapped, optimizer, scheduler, accelerator.process_index)
+            _check_same_run(state["run"], settings, last_checkpoint)
+            start_step = state["step"]
+    elif root is not None and any(root.glob("step-*")):
+        raise ConfigError(
+            f"{root} holds checkpoints of an earlier run: set resume=True (--resume) to go on from them, or use "
+            "another output_dir"
+        )
+    log = MetricsLog(Path(config.output_dir), start_step) if config.output_dir and accelerator.is_main_process else None
+    order = BlockOrder(len(blocks), config.seed, config.shuffle)
+    result = TrainResult([], 0.0, 0, start_step=start_step, checkpoint=last_checkpoint)
+    bar = tqdm(
+        total=config.steps, initial=start_step, desc=config.desc, unit="step",
+        disable=not (config.progress and accelerator.is_main_process),
+    )
+    start = time.perf_counter()
+    model.train()
+    try:
+        for step in range(start_step, config.steps):
+            began = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            loss = _step(accelerator, model, params, optimizer, blocks, order, config, step, result.checkpoint)
+            scheduler.step()
+            done = step + 1
+            record = {"step": done, "loss": loss, "lr": lr, "epoch": done * settings["global_batch"] / len(blocks)}
+            record["step_seconds"] = time.perf_counter() - began
+            result.losses.append(loss)
+            result.step_seconds.append(record["step_seconds"])
+            if eval_blocks is not None and (done == config.steps or (config.eval_every and done % config.eval_every == 0)):
+                record["eval_loss"] = result.eval_losses[done] = _evaluate(accelerator, unwrapped, eval_blocks, config)
+            if config.checkpoint_every and done % config.checkpoint_every == 0:
+                position = {"samples": done * settings["global_batch"], "run": settings, "config": dataclasses.asdict(config)}
+                result.checkpoint = save_checkpoint(
+                    root, done, unwrapped, optimizer, scheduler, position, config.keep_checkpoints, accelerator
+                )
+            if log is not None:
+                log.write(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", **({"eval": f"{record['eval_loss']:.3f}"} if "eval_loss" in record else {}))
+            if on_step is not None:
+                on_step(record)
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    result.seconds = time.perf_counter() - start
+    result.tokens = len(result.losses) * settings["global_batch"] * blocks.shape[1]
+    return result
+
+
 def train_lm(
     model: nn.Module,
     blocks: torch.Tensor,
@@ -48,48 +244,189 @@ def train_lm(
     progress: bool = True,
     desc: str = "training",
 ) -> TrainResult:
-    """Train ``model`` (an HF causal LM) on ``blocks`` [n, seq_len] for ``steps`` AdamW steps, cycling the blocks.
+    """Train ``model`` (an HF causal LM) on ``blocks`` [n, seq_len] for ``steps`` AdamW steps, cycling the blocks in order.
+
+    :func:`train` without shuffling, evaluation or files.
 
     Raises:
         ConfigError: steps, batch_size or lr not positive, or no trainable parameter.
         FloatingPointError: the loss became NaN or inf (the message names the step and the learning rate).
     """
-    for field, value in (("steps", steps), ("batch_size", batch_size), ("lr", lr)):
-        if not value > 0:
-            raise ConfigError(f"{field}={value!r} is not allowed: expected a positive number")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ConfigError("the model has no trainable parameter: inject an adapter first")
-    if len(blocks) == 0:
-        raise ConfigError("blocks is empty: expected at least one token block to train on")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    scheduler = cosine_with_warmup(optimizer, warmup, steps)
-    model.train()
-    losses, start = [], time.perf_counter()
-    bar = tqdm(range(steps), desc=desc, unit="step", disable=not progress)
-    for step in bar:
-        index = torch.arange(step * batch_size, (step + 1) * batch_size) % len(blocks)
-        batch = blocks[index]
-        loss = model(input_ids=batch, labels=batch).loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step} (lr={lr}): lower the learning rate")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    return TrainResult(losses, time.perf_counter() - start, steps * batch_size * blocks.shape[1])
+    config = TrainConfig(
+        steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay, shuffle=False,
+        progress=progress, desc=desc,
+    )
+    return train(model, blocks, config)
 
 
 @torch.no_grad()
 def evaluate_lm(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> float:
     """Mean next-token cross-entropy of ``model`` over ``blocks`` [n, seq_len] (each block weighs the same)."""
+    if len(blocks) == 0:
+        raise ConfigError("blocks is empty: expected at least one token block to evaluate on")
     was_training = model.training
     model.eval()
     total = 0.0
     for i in range(0, len(blocks), batch_size):
-        batch = blocks[i : i + batch_size]
+        batch = blocks[i : i + batch_size].to(_device(model))
         total += model(input_ids=batch, labels=batch).loss.item() * len(batch)
     model.train(was_training)
     return total / len(blocks)
+
+
+@torch.no_grad()
+def topic_accuracy(
+    model: nn.Module, tokenizer: Any, examples: list[tuple[str, int]], names: list[str], prompt_tokens: int = 96
+) -> float:
+    """Zero-shot accuracy of a causal LM on ``examples`` (text, label index into ``names``).
+
+    The prompt is the text's first ``prompt_tokens`` tokens and ``"\\nTopic:"``; the prediction is the name whose
+    continuation ``" " + name`` has the highest summed log-probability (all names scored in one batch).
+    """
+    if not examples:
+        raise ConfigError("examples is empty: expected at least one (text, label) pair")
+    was_training = model.training
+    model.eval()
+    candidates = [tokenizer(" " + name, add_special_tokens=False)["input_ids"] for name in names]
+    width = max(map(len, candidates))
+    correct = 0
+    for text, label in examples:
+        prompt = tokenizer(text, add_special_tokens=False)["input_ids"][:prompt_tokens]
+        prompt += tokenizer("\nTopic:", add_special_tokens=False)["input_ids"]
+        rows = [prompt + ids + [tokenizer.eos_token_id] * (width - len(ids)) for ids in candidates]
+        logprobs = model(input_ids=torch.tensor(rows, device=_device(model))).logits.log_softmax(-1)  # [names, T, vocab]
+        scores = [
+            sum(logprobs[i, len(prompt) + j - 1, token].item() for j, token in enumerate(ids))
+            for i, ids in enumerate(candidates)
+        ]
+        correct += int(max(range(len(names)), key=scores.__getitem__) == label)
+    model.train(was_training)
+    return correct / len(examples)
+
+
+class BlockOrder:
+    """Global sample position → block index: epoch e is a permutation drawn from (seed, e), or the identity."""
+
+    def __init__(self, n_blocks: int, seed: int, shuffle: bool) -> None:
+        self.n_blocks, self.seed, self.shuffle = n_blocks, seed, shuffle
+        self._epochs: dict[int, torch.Tensor] = {}
+
+    def indices(self, start: int, count: int) -> torch.Tensor:
+        """Block indices [count] of the global samples ``start … start + count − 1``."""
+        return torch.stack([self._permutation(p // self.n_blocks)[p % self.n_blocks] for p in range(start, start + count)])
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._epochs:
+            if len(self._epochs) > 1:  # a step straddles at most two epochs
+                del self._epochs[min(self._epochs)]
+            generator = torch.Generator().manual_seed((self.seed << 32) + epoch)
+            self._epochs[epoch] = (
+                torch.randperm(self.n_blocks, generator=generator) if self.shuffle else torch.arange(self.n_blocks)
+            )
+        return self._epochs[epoch]
+
+
+class MetricsLog:
+    """One JSON object per step, appended to ``<output_dir>/metrics.jsonl``; TensorBoard scalars when installed.
+
+    Opening it keeps only the lines of steps up to ``start_step`` (those of the resumed checkpoint's past), so a
+    run killed after its last checkpoint leaves no duplicate steps once resumed.
+    """
+
+    def __init__(self, output_dir: Path, start_step: int) -> None:
+        self.path = output_dir / METRICS_FILE
+        kept = []
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                with contextlib.suppress(ValueError):
+                    if json.loads(line).get("step", math.inf) <= start_step:
+                        kept.append(line + "\n")
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(kept), encoding="utf-8"))
+        self.handle = self.path.open("a", encoding="utf-8")
+        self.tensorboard = None
+        if importlib.util.find_spec("tensorboard") is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step + 1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.handle.write(json.dumps(record) + "\n")
+        self.handle.flush()
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self.tensorboard.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self.handle.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def _step(
+    accelerator: Accelerator,
+    model: nn.Module,
+    params: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    blocks: torch.Tensor,
+    order: BlockOrder,
+    config: TrainConfig,
+    step: int,
+    last_checkpoint: Path | None,
+) -> float:
+    """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss over processes and micro-batches."""
+    world, rank, size = accelerator.num_processes, accelerator.process_index, config.batch_size
+    first = step * size * config.grad_accum * world
+    total = 0.0
+    for micro in range(config.grad_accum):
+        batch = blocks[order.indices(first + (micro * world + rank) * size, size)].to(accelerator.device)
+        last = micro == config.grad_accum - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            loss = model(input_ids=batch, labels=batch).loss
+            mean = accelerator.reduce(loss.detach(), "mean").item()
+            if not math.isfinite(mean):
+                raise FloatingPointError(_diverged_message(mean, step, optimizer.param_groups[0]["lr"], last_checkpoint))
+            accelerator.backward(loss / config.grad_accum)
+        total += mean
+    if config.max_grad_norm is not None:
+        accelerator.clip_grad_norm_(params, config.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / config.grad_accum
+
+
+def _diverged_message(loss: float, step: int, lr: float, last_checkpoint: Path | None) -> str:
+    kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+    return (
+        f"loss is {loss} at step {step} (after {step} completed steps; lr={lr:.4g}): training stopped before this "
+        f"step changed the weights; {kept}. Lower the learning rate (or check the data) and resume."
+    )
+
+
+def _evaluate(accelerator: Accelerator, model: nn.Module, blocks: torch.Tensor, config: TrainConfig) -> float:
+    """Held-out loss over ``blocks``, each process evaluating every P-th block; the result is the same on all."""
+    shard = blocks[accelerator.process_index :: accelerator.num_processes]
+    local = evaluate_lm(model, shard, config.eval_batch_size) * len(shard) if len(shard) else 0.0
+    totals = accelerator.reduce(torch.tensor([local, float(len(shard))], dtype=torch.float64, device=accelerator.device), "sum")
+    return (totals[0] / totals[1]).item()
+
+
+def _check_same_run(saved: dict[str, Any], current: dict[str, Any], folder: Path) -> None:
+    for key in RUN_SETTINGS:
+        if saved.get(key) != current[key]:
+            raise ConfigError(
+                f"cannot resume from {folder}: {key}={current[key]!r} in this run but {saved.get(key)!r} when it was "
+                "saved; resume with the same data, batch size, gradient accumulation, seed and number of processes, "
+                "or start in a new output_dir"
+            )
+
+
+def _check_int(field: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        allowed = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"{field}={value!r} is not allowed: expected {allowed}")
+
+
+def _device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")

@@ -1,0 +1,233 @@
+"""The ``slimtune`` command line on a tiny Llama saved as a local HF folder with a character-level tokenizer.
+
+Every command runs end to end on it; every field of every method's config (and of the training and
+linear-attention configs) is an option; ``--help`` of every command works; mistakes end with a clear message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import slimtune as st
+import slimtune.cli as cli
+from cases import tiny_llama
+from slimtune.linear_attention import LinearizeConfig
+from slimtune.train import TrainConfig
+from train_script import save_tiny_folder
+
+COMMANDS = ["finetune", "compare", "linearize", "eval", "merge", "export", "bench"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest, and repeatably, on one thread (the machine is shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return save_tiny_folder(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory) -> tuple[Path, Path]:
+    """(training, held-out) text files: documents separated by blank lines."""
+    folder = tmp_path_factory.mktemp("texts")
+    paths = folder / "train.txt", folder / "eval.txt"
+    for path, offset in zip(paths, (0, 100)):
+        path.write_text("\n\n".join(f"the cat {i} sat on the mat {i + 1} and the dog ran" for i in range(offset, offset + 30)))
+    return paths
+
+
+def run_cli(*argv: str) -> int:
+    return cli.main([str(arg) for arg in argv])
+
+
+def data_options(tiny: Path, texts: tuple[Path, Path]) -> list[str]:
+    return ["--model", str(tiny), "--data", str(texts[0]), "--eval-data", str(texts[1]), "--seq-len", "32"]
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_of_every_command(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        run_cli(*([command] if command else []), "--help")
+    assert done.value.code == 0
+    assert f"usage: slimtune {command or ''}".strip() in capsys.readouterr().out
+
+
+def test_every_config_field_is_an_option(capsys):
+    helps = {}
+    for command in ("finetune", "linearize"):
+        with pytest.raises(SystemExit):
+            run_cli(command, "--help")
+        helps[command] = capsys.readouterr().out
+    renamed = {"seed": "adapter-seed"}
+    for config in st.METHODS.values():
+        for field in dataclasses.fields(config):
+            flag = renamed.get(field.name, field.name.replace("_", "-"))
+            assert f"--{flag} " in helps["finetune"] and f"--{flag} " in helps["linearize"], (config.method, flag)
+    for field in dataclasses.fields(TrainConfig):
+        if field.name not in ("output_dir", "desc"):
+            assert f"--{field.name.replace('_', '-')} " in helps["finetune"], field.name
+    for field in dataclasses.fields(LinearizeConfig):
+        flag = "linear-seed" if field.name == "seed" else field.name.replace("_", "-")
+        assert f"--{flag} " in helps["linearize"], field.name
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--method", "lora", "--r", "4", "--alpha", "8", "--use-rslora", "--init", "gaussian", "--target-modules",
+          "q_proj", "v_proj"], st.LoraConfig(r=4, alpha=8.0, use_rslora=True, init="gaussian", target_modules=["q_proj", "v_proj"])),
+        (["--method", "bat_row", "--r", "6"], st.DishaConfig(r=6, variant="bat_row")),
+        (["--method", "disha", "--variant", "mini", "--mini-r", "3", "--dropout", "0.1"],
+         st.DishaConfig(variant="mini", mini_r=3, dropout=0.1)),
+        (["--method", "lora_sp", "--freeze-fraction", "0.25", "--granularity", "rank", "--adapter-seed", "3"],
+         st.LoraSpConfig(freeze_fraction=0.25, granularity="rank", seed=3)),
+        (["--method", "surm", "--structure", "ldr", "--block-size", "6", "--displacement-rank", "2", "--alpha", "0.5"],
+         st.SurmConfig(structure="ldr", block_size=6, displacement_rank=2, alpha=0.5)),
+        (["--method", "surm_adapter", "--activation", "gelu", "--no-bias", "--target-modules", r".*\.o_proj"],
+         st.SurmAdapterConfig(activation="gelu", bias=False, target_modules=r".*\.o_proj")),
+        ([], st.DishaConfig(variant="bone")),
+    ],
+)
+def test_method_options_build_each_config(argv, expected):
+    args = cli.build_parser().parse_args(["finetune", *argv])
+    assert cli.adapter_config(args.method, cli.collect(args, args.adapter_options, skip_none=True)) == expected
+
+
+def test_options_a_method_lacks_are_refused(tiny, capsys):
+    assert run_cli("finetune", "--model", tiny, "--method", "lora", "--structure", "toeplitz") == 2
+    assert "structure='toeplitz' is not an option of method 'lora'; its options are" in capsys.readouterr().err
+    with pytest.raises(st.ConfigError, match="use method 'disha' with variant='bat_row'"):
+        cli.adapter_config("bone", {"variant": "bat_row"})
+    with pytest.raises(SystemExit):
+        run_cli("finetune", "--no-such-option")
+
+
+def test_compare_run_specs():
+    label, config, lr = cli.parse_run("wide=lora:r=6,alpha=12,lr=1e-3,target_modules=q_proj+v_proj,use_rslora=true")
+    assert (label, lr) == ("wide", 1e-3)
+    assert config == st.LoraConfig(r=6, alpha=12.0, use_rslora=True, target_modules=["q_proj", "v_proj"])
+    assert cli.parse_run("bat_row:r=16") == ("bat_row", st.DishaConfig(r=16, variant="bat_row"), None)
+    with pytest.raises(st.ConfigError, match="r='x' is not allowed: expected a int"):
+        cli.parse_run("lora:r=x")
+    with pytest.raises(st.ConfigError, match="not an option of method 'surm'"):
+        cli.parse_run("surm:variant=bone")
+
+
+def test_finetune_resume_eval_merge_export(tiny, texts, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    train = [*data_options(tiny, texts), "--method", "lora", "--r", "4", "--lr", "1e-2", "--checkpoint-every", "2",
+             "--eval-every", "2", "--output", out, "--no-progress"]
+    assert run_cli("finetune", *train, "--steps", "4") == 0
+    assert run_cli("finetune", *train, "--steps", "6", "--resume") == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["start_step"] == 4 and len(record["losses"]) == 2 and set(record["eval_losses"]) == {"6"}
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
+    capsys.readouterr()
+
+    assert run_cli("eval", "--model", tiny, "--adapter", out / "adapter", "--data", texts[1], "--seq-len", "32",
+                   "--max-blocks", "16") == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["loss"] == pytest.approx(record["eval_losses"]["6"], rel=1e-4)
+
+    assert run_cli("merge", "--model", tiny, "--adapter", out / "adapter", "--output", tmp_path / "merged") == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    adapted = st.load_adapter(AutoModelForCausalLM.from_pretrained(tiny), out / "adapter")
+    ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+
+    assert run_cli("export", "--format", "peft", "--model", tiny, "--adapter", out / "adapter", "--output", tmp_path / "peft") == 0
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def test_export_of_a_method_without_peft_equivalent_fails_clearly(tiny, tmp_path, capsys):
+    st.save_adapter(st.get_adapted_model(tiny_llama(), st.DishaConfig(r=6)), tmp_path / "bone")
+    assert run_cli("export", "--model", tiny, "--adapter", tmp_path / "bone", "--output", tmp_path / "peft") == 2
+    assert "method='disha' has no PEFT LoRA equivalent" in capsys.readouterr().err
+    assert not (tmp_path / "peft").exists()
+
+
+def test_compare_writes_table_plot_and_record(tiny, texts, tmp_path, capsys):
+    out = tmp_path / "compare"
+    runs = ["--run", "lora:r=4,lr=1e-2", "--run", "bone:r=6", "--run", "circ=surm:structure=circulant,block_size=6,lr=1e-2"]
+    assert run_cli("compare", *data_options(tiny, texts), "--steps", "3", "--eval-every", "2", *runs, "--output", out,
+                   "--no-progress") == 0
+    table = capsys.readouterr().out
+    assert "| lora |" in table and "| bone |" in table and "| circ |" in table and "step s (median)" in table
+    record = json.loads((out / "compare.json").read_text())
+    assert [row["label"] for row in record["rows"]] == ["lora", "bone", "circ"]
+    for row in record["rows"]:
+        assert len(row["losses"]) == 3 and set(row["eval_losses"]) == {"2", "3"} and row["peak_bytes"] > 0
+        assert row["trainable"] > 0 and (out / row["label"] / "adapter" / "adapter_config.json").is_file()
+    assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_linearize_then_evaluate(tiny, texts, tmp_path, capsys):
+    out = tmp_path / "linear"
+    assert run_cli("linearize", *data_options(tiny, texts), "--transfer-steps", "2", "--finetune-steps", "2",
+                   "--method", "lora", "--r", "4", "--feature-map", "dijiang", "--chunk-size", "16", "--output", out) == 0
+    record = json.loads((out / "run.json").read_text())
+    stages = {entry["stage"]: entry["loss"] for entry in record["held_out_loss"]}
+    assert list(stages) == ["original", "linearized", "attention transfer", "fine-tuned"]
+    assert record["linearize_config"]["chunk_size"] == 16
+    capsys.readouterr()
+    assert run_cli("eval", "--model", tiny, "--linear-attention", out / "linear_attention", "--adapter", out / "adapter",
+                   "--data", texts[1], "--seq-len", "32", "--max-blocks", "16") == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["loss"] == pytest.approx(stages["fine-tuned"], rel=1e-4)
+
+
+def test_topic_accuracy_on_bbc_news(tiny, capsys):
+    assert run_cli("eval", "--model", tiny, "--task", "topic", "--max-examples", "3") == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["examples"] == 3 and 0.0 <= report["accuracy"] <= 1.0 and report["chance"] == 0.2
+
+
+def test_bench_runs_the_benchmark_script_with_the_arguments(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "run", lambda command, check: calls.append(command) or subprocess.CompletedProcess(command, 0))
+    assert run_cli("bench", "--workload", "synthetic", "--rounds", "3") == 0
+    assert run_cli("bench", "--", "--help") == 0
+    assert calls == [[sys.executable, str(cli.BENCHMARK), "--workload", "synthetic", "--rounds", "3"],
+                     [sys.executable, str(cli.BENCHMARK), "--help"]]
+    assert cli.BENCHMARK.is_file()
+
+
+def test_python_dash_m_slimtune():
+    done = subprocess.run([sys.executable, "-m", "slimtune", "export", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "usage: slimtune export" in done.stdout
+
+
+@pytest.mark.slow
+def test_finetune_defaults_train_a_short_bone_run_on_smollm2(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli("finetune", "--no-progress") == 0
+    record = json.loads((tmp_path / "runs" / "finetune" / "run.json").read_text())
+    assert record["adapter_config"]["method"] == "disha" and record["adapter_config"]["variant"] == "bone"
+    assert len(record["losses"]) == 20 and record["eval_losses"]["20"] < record["losses"][0]
+
+
+def test_step_peak_bytes_counts_resident_state_and_grows_with_the_batch():
+    from slimtune.compare import step_peak_bytes
+
+    model = st.get_adapted_model(tiny_llama(), st.LoraConfig(r=4))
+    resident = sum(p.numel() * p.element_size() for p in model.parameters())
+    small, large = (step_peak_bytes(model, torch.zeros(b, 16, dtype=torch.long)) for b in (1, 8))
+    assert resident < small < large
+    assert all(p.grad is None for p in model.parameters())

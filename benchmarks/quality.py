@@ -66,7 +66,7 @@ def main() -> None:
                           warmup=max(1, args.steps // 10), desc=name)
         loss = evaluate_lm(model, held_out)
         rows.append({
-            "config": name, "lr": lr, "trainable": st.parameter_counts(model).trainable,
+            "config": name, "lr": f"{lr:g}", "trainable": st.parameter_counts(model).trainable,
             "final_train_loss": sum(result.losses[-5:]) / len(result.losses[-5:]),
             "held_out_loss": loss, "held_out_ppl": math.exp(loss), "seconds": result.seconds,
             "train_losses": result.losses,

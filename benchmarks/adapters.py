@@ -5,7 +5,7 @@ and a synthetic stack of d=2048 linear layers. Every configuration is built on i
 model at (near) equal trainable-parameter budgets, warmed up, then timed one step each in interleaved rounds
 so that machine drift hits all alike; the median of the rounds is reported. Peak memory is the resident
 parameters + optimizer state plus the peak of tensors allocated during one step (tracked exactly by
-``TensorMemoryPeak``, since CPUs have no allocator peak counter).
+``slimtune.memory.TensorMemoryPeak``, since CPUs have no allocator peak counter).
 
 Run: ``.venv/bin/python benchmarks/adapters.py`` (options: ``--workload smollm2|synthetic|both``,
 ``--rounds``, ``--batch``, ``--seq-len``). Writes ``benchmarks/results/adapters-<time>.json`` and prints tables.
@@ -25,7 +25,8 @@ from peft import C3AConfig, MissConfig, get_peft_model
 from torch import nn
 
 import slimtune as st
-from common import TensorMemoryPeak, format_table, resident_bytes, time_call, write_record
+from common import format_table, resident_bytes, time_call, write_record
+from slimtune.memory import TensorMemoryPeak
 
 SMOLLM2_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SYNTHETIC_TARGETS = r"layers\.\d+"

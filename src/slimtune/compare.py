@@ -22,15 +22,12 @@ import copy
 import dataclasses
 import platform
 import statistics
-import weakref
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from slimtune import __version__
 from slimtune.adapters.disha import DishaConfig
@@ -41,6 +38,7 @@ from slimtune.config import AdapterConfig
 from slimtune.errors import ConfigError
 from slimtune.fileio import atomic_write_json
 from slimtune.inject import get_adapted_model, parameter_counts
+from slimtune.memory import TensorMemoryPeak
 from slimtune.serialization import save_adapter
 from slimtune.train import TrainConfig, evaluate_lm, train
 
@@ -164,40 +162,11 @@ def step_peak_bytes(model: nn.Module, batch: torch.Tensor) -> int:
     resident = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) + 2 * trainable
     was_training = model.training
     model.train()
-    with torch.random.fork_rng(devices=[]), StoragePeak() as tracker:
+    with torch.random.fork_rng(devices=[]), TensorMemoryPeak() as tracker:
         model(input_ids=batch, labels=batch).loss.backward()
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     return resident + tracker.peak
-
-
-class StoragePeak(TorchDispatchMode):
-    """Peak bytes of the tensor storages created while the mode is on, each counted until Python frees it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, int] = {}
-        self.current = 0
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        out = func(*args, **(kwargs or {}))
-        for item in tree_flatten(out)[0]:
-            if isinstance(item, torch.Tensor):
-                self._track(item.untyped_storage())
-        return out
-
-    def _track(self, storage: torch.UntypedStorage) -> None:
-        key, size = storage.data_ptr(), storage.nbytes()
-        if size == 0 or key in self.live:
-            return
-        self.live[key] = size
-        self.current += size
-        self.peak = max(self.peak, self.current)
-        weakref.finalize(storage, self._release, key)
-
-    def _release(self, key: int) -> None:
-        self.current -= self.live.pop(key, 0)
 
 
 def _run_one(

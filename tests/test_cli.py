@@ -25,13 +25,7 @@ from train_script import save_tiny_folder
 COMMANDS = ["finetune", "compare", "linearize", "eval", "merge", "export", "bench"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest, and repeatably, on one thread (the machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

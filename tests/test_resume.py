@@ -28,13 +28,7 @@ from train_script import token_blocks
 SCRIPT = Path(__file__).parent / "train_script.py"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest, and repeatably, on one thread (the machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def start(output_dir: Path, *extra: str) -> subprocess.Popen:

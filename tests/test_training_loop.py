@@ -15,13 +15,7 @@ from slimtune.train import METRICS_FILE, BlockOrder, TrainConfig, cosine_with_wa
 from train_script import token_blocks
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest, and repeatably, on one thread (the machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def adapted(dropout: float = 0.0) -> torch.nn.Module:

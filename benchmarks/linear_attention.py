@@ -21,9 +21,12 @@ shared with other jobs, where two OpenMP threads on one free core make every sma
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import time
+
+from collections.abc import Iterator
 
 import torch
 from transformers import DynamicCache
@@ -43,6 +46,7 @@ from slimtune.linear_attention import (
     linear_attention_parameters,
     linearize,
 )
+from slimtune.linear_attention.window import WindowState
 from slimtune.models import load_smollm2
 from slimtune.train import evaluate_lm
 
@@ -60,14 +64,27 @@ def filled_kv_cache(model: torch.nn.Module, length: int) -> DynamicCache:
 
 
 def filled_state_cache(model: torch.nn.Module, length: int) -> LinearAttentionCache:
-    """A LinearAttentionCache whose every layer holds a random state that has seen ``length`` tokens."""
+    """A LinearAttentionCache whose every layer holds a random state that has seen ``length`` tokens.
+
+    With a softmax window the state is a ``WindowState`` holding min(length, w) window and n_s sink tokens.
+    """
     cache = LinearAttentionCache()
     for _, layer in linear_attention_layers(model):
-        m = layer.feature_map.m
-        shape = (1, layer.num_heads, m, layer.head_dim)
-        z = torch.rand(1, layer.num_heads, m) if layer.config.normalize else None
+        h, d, m = layer.num_heads, layer.head_dim, layer.feature_map.m
+        c = layer.config
+        if c.window:
+            kept, sinks = min(length, c.window), min(length, c.sink_tokens)
+            state = WindowState(
+                linear=LinearAttentionState(S=torch.randn(1, h, m, d + 1)),
+                k=torch.randn(1, h, kept, d), v=torch.randn(1, h, kept, d), fk=torch.rand(1, h, kept, m),
+                valid=torch.ones(1, kept, dtype=torch.bool), sink_k=torch.randn(1, h, sinks, d),
+                sink_v=torch.randn(1, h, sinks, d), sink_valid=torch.ones(1, sinks, dtype=torch.bool), seen=length,
+            )
+        else:
+            z = torch.rand(1, h, m) if c.normalize else None
+            state = LinearAttentionState(S=torch.randn(1, h, m, d), z=z)
         cache.layers.append(LinearAttentionCacheLayer())
-        cache.layers[-1].advance(LinearAttentionState(S=torch.randn(shape), z=z), length)
+        cache.layers[-1].advance(state, length)
     return cache
 
 
@@ -138,6 +155,10 @@ def quality(args: argparse.Namespace, config: LinearizeConfig) -> dict:
     model = linearize(base, config)
     rows.append(row("converted, untrained", model, 0, time.perf_counter() - start,
                     attention_mse=sum(attention_mse(model, held_out[:4]))))
+    if config.window:
+        with linear_part_off(model):
+            rows.append(row(f"ablation: softmax window {config.window} + {config.sink_tokens} sinks only", model, 0,
+                            0.0, attention_mse=sum(attention_mse(model, held_out[:4]))))
     torch.manual_seed(0)
     transfer = attention_transfer(model, train, steps=args.transfer_steps, batch_size=args.batch, lr=args.transfer_lr,
                                   warmup=max(1, args.transfer_steps // 10))
@@ -150,9 +171,24 @@ def quality(args: argparse.Namespace, config: LinearizeConfig) -> dict:
                     trainable=st.parameter_counts(model).trainable, lr=args.finetune_lr))
     columns = ["stage", "held_out_ppl", "attention_mse", "train_tokens", "seconds", "trainable"]
     held = f"held-out {len(held_out)} x {args.seq_len} tokens"
-    print(f"\n## SmolLM2-135M on BBC News, {config.feature_map} feature map, {held}\n")
+    hybrid = f", softmax window {config.window} + {config.sink_tokens} sinks" if config.window else ""
+    print(f"\n## SmolLM2-135M on BBC News, {config.feature_map} feature map{hybrid}, {held}\n")
     print(format_table(rows, columns))
     return {"rows": rows, "transfer_losses": transfer.losses, "finetune_losses": tuned.losses}
+
+
+@contextlib.contextmanager
+def linear_part_off(model: torch.nn.Module) -> Iterator[None]:
+    """Inside, every hybrid layer's linear weight g is 0: only the softmax window and sinks are read."""
+    layers = [layer for _, layer in linear_attention_layers(model)]
+    saved = [layer.window_mix_log.detach().clone() for layer in layers]
+    for layer in layers:
+        layer.window_mix_log.data.fill_(float("-inf"))
+    try:
+        yield
+    finally:
+        for layer, value in zip(layers, saved):
+            layer.window_mix_log.data.copy_(value)
 
 
 def main() -> None:
@@ -160,6 +196,8 @@ def main() -> None:
     parser.add_argument("--quality", action="store_true", help="perplexity study instead of the speed study")
     parser.add_argument("--feature-map", default="dijiang")
     parser.add_argument("--no-decay", action="store_true")
+    parser.add_argument("--window", type=int, default=0, help="softmax window w (0: pure linear attention)")
+    parser.add_argument("--sinks", type=int, default=0, help="sink tokens read with softmax (needs --window)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192, 16384])
     parser.add_argument("--max-prefill", type=int, default=16384, help="skip prefill timing above this length")
     parser.add_argument("--decode-steps", type=int, default=8)
@@ -175,7 +213,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = LinearizeConfig(feature_map=args.feature_map, decay=not args.no_decay)
+    config = LinearizeConfig(
+        feature_map=args.feature_map, decay=not args.no_decay, window=args.window, sink_tokens=args.sinks
+    )
     record = quality(args, config) if args.quality else speed(args, config)
     name = "linear-attention-quality" if args.quality else "linear-attention-speed"
     print(f"\nrecord: {write_record(name, {'args': vars(args), 'config': config.to_dict(), **record})}")

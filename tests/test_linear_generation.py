@@ -25,6 +25,8 @@ CONFIGS = {
     "hedgehog_unshared_gate": LinearizeConfig(feature_map="hedgehog", share_feature_map=False, output_gate=True),
     "official_unnormalised": LinearizeConfig(feature_map="dijiang_official", normalize=False, m=10),
     "performer_no_decay": LinearizeConfig(feature_map="performer", decay=False, m=20, chunk_size=4),
+    "window_sinks": LinearizeConfig(window=4, sink_tokens=2, window_mix=0.7, chunk_size=3),
+    "window_hedgehog_no_decay": LinearizeConfig(feature_map="hedgehog", window=5, decay=False),
 }
 
 
@@ -92,8 +94,21 @@ def test_the_state_size_does_not_grow_with_the_context():
     assert cache_nbytes(dynamic) == sizes[40] and dynamic.get_seq_length() == 40
 
 
-def test_left_padding_gives_the_unpadded_result():
-    model = randomize_new_parameters(linearize(TINY["llama"]()))
+def test_the_window_state_stops_growing_at_the_window():
+    model = linearize(TINY["llama"](), LinearizeConfig(window=6, sink_tokens=2))
+    sizes = []
+    for length in (10, 11, 40):
+        cache = LinearAttentionCache()
+        model(token_blocks(2, length), past_key_values=cache, use_cache=True)
+        sizes.append(cache.nbytes())
+    # 2 layers × batch 2 × 4 heads × (S: m 12 × (d 12 + 1), window 6 × (k 12 + v 12 + φk 12), sinks 2 × 24) × 4
+    # bytes, plus the validity flags: 2 layers × batch 2 × (6 + 2) bytes
+    assert sizes == [2 * 2 * 4 * (12 * 13 + 6 * 36 + 2 * 24) * 4 + 2 * 2 * 8] * 3
+
+
+@pytest.mark.parametrize("config", [LinearizeConfig(), LinearizeConfig(window=4)], ids=["linear", "window"])
+def test_left_padding_gives_the_unpadded_result(config):
+    model = randomize_new_parameters(linearize(TINY["llama"](), config))
     short, long = token_blocks(1, 5, seed=3), token_blocks(1, 8, seed=4)
     batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], dim=1), long])
     mask = torch.ones_like(batch)

@@ -147,7 +147,8 @@ def test_a_model_is_linearised_once_and_the_config_is_checked():
 @pytest.mark.parametrize(
     ("field", "value"),
     [("feature_map", "cosformer"), ("m", 0), ("m", 2.0), ("op", "flash"), ("chunk_size", 0), ("decay", 1),
-     ("normalize", "yes"), ("output_gate", None), ("share_feature_map", 0), ("seed", -1)],
+     ("normalize", "yes"), ("output_gate", None), ("share_feature_map", 0), ("seed", -1), ("window", -1),
+     ("window", 2.0), ("sink_tokens", -1), ("window_mix", 0.0), ("window_mix", float("nan"))],
 )
 def test_config_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ConfigError, match=f"{field}={value!r} is not allowed"):
@@ -161,14 +162,19 @@ def test_config_round_trips_and_rejects_unknown_keys():
         LinearizeConfig.from_dict({**config.to_dict(), "rank": 4})
     with pytest.raises(ConfigError, match="m=7 is not allowed with feature_map='hedgehog'"):
         LinearizeConfig(feature_map="hedgehog", m=7)
+    with pytest.raises(ConfigError, match="sink_tokens=4 is not allowed with window=0"):
+        LinearizeConfig(sink_tokens=4)
+    with pytest.raises(ConfigError, match="window=8 is not allowed with normalize=False"):
+        LinearizeConfig(window=8, normalize=False)
 
 
+@pytest.mark.parametrize("window", [0, 6], ids=["linear", "window"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_every_op_gives_the_same_logits(arch):
+def test_every_op_gives_the_same_logits(arch, window):
     ids = token_blocks(2, 23)
     logits = {}
     for op in ("reference", "chunked", "recurrent"):
-        model = linearize(TINY[arch](), LinearizeConfig(op=op, chunk_size=5))
+        model = linearize(TINY[arch](), LinearizeConfig(op=op, chunk_size=5, window=window))
         logits[op] = model(ids, use_cache=False).logits
     torch.testing.assert_close(logits["chunked"], logits["reference"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logits["recurrent"], logits["reference"], rtol=1e-5, atol=1e-5)
@@ -223,9 +229,12 @@ def test_converted_model_learns_with_an_adapter(arch):
     assert st.parameter_counts(model).trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("window", [0, 4], ids=["linear", "window"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_save_load_round_trip_is_exact(arch, tmp_path):
-    config = LinearizeConfig(feature_map="dijiang", output_gate=True, share_feature_map=False, seed=5)
+def test_save_load_round_trip_is_exact(arch, window, tmp_path):
+    config = LinearizeConfig(
+        feature_map="dijiang", output_gate=True, share_feature_map=False, seed=5, window=window, sink_tokens=window // 2
+    )
     model = linearize(TINY[arch](), config)
     with torch.no_grad():
         for i, p in enumerate(linear_attention_parameters(model)):

@@ -2,7 +2,8 @@
 
 ``linearize(model, LinearizeConfig(...))`` swaps softmax attention for :class:`LinearAttention` in place;
 ``attention_transfer`` and ``finetune`` recover quality; generation runs on a constant-size
-:class:`LinearAttentionCache`.
+:class:`LinearAttentionCache`. ``LinearizeConfig(window=w, sink_tokens=n)`` keeps exact softmax attention over the
+last w (and first n) keys and reads only older keys through the feature map (``window.py``).
 """
 
 from slimtune.linear_attention.cache import LinearAttentionCache, LinearAttentionCacheLayer, cache_nbytes
@@ -37,6 +38,11 @@ from slimtune.linear_attention.ops import (
     linear_attention_reference,
 )
 from slimtune.linear_attention.transfer import attention_mse, attention_transfer, finetune
+from slimtune.linear_attention.window import (
+    WindowState,
+    sliding_window_linear_attention,
+    sliding_window_linear_attention_reference,
+)
 
 __all__ = [
     "FEATURE_MAPS",
@@ -53,6 +59,7 @@ __all__ = [
     "LinearAttentionState",
     "LinearizeConfig",
     "PerformerFeatureMap",
+    "WindowState",
     "attention_mse",
     "attention_transfer",
     "build_feature_map",
@@ -70,4 +77,6 @@ __all__ = [
     "linearize_config",
     "load_linearized",
     "save_linearized",
+    "sliding_window_linear_attention",
+    "sliding_window_linear_attention_reference",
 ]

@@ -1,7 +1,8 @@
 """A transformers ``Cache`` holding one fixed-size :class:`LinearAttentionState` per linearised layer.
 
 The state is S [B, H, m, d_v] (and z [B, H, m] when normalised) whatever the context length, where a KV cache
-grows by 2·Hkv·d values per token. Each layer also counts the tokens it has seen, which is what transformers 5.x
+grows by 2·Hkv·d values per token; with a softmax window (``window.py``) it is a ``WindowState``, which adds the
+last w and the first n_s tokens' keys and values: larger, but still independent of the context length. Each layer also counts the tokens it has seen, which is what transformers 5.x
 reads, through ``get_seq_length``, for the position ids of the next tokens, and through ``get_mask_sizes`` for
 the attention mask. The mask asked for covers only the new tokens (kv_length = query length, kv_offset = tokens
 seen): a linearised layer reads nothing from it but which new tokens are padding.
@@ -21,11 +22,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import dataclasses
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from slimtune.errors import ConfigError
 from slimtune.linear_attention.ops import LinearAttentionState
+from slimtune.linear_attention.window import WindowState
 
 
 class LinearAttentionCacheLayer(CacheLayerMixin):
@@ -38,10 +42,10 @@ class LinearAttentionCacheLayer(CacheLayerMixin):
 
     def __init__(self) -> None:
         super().__init__()
-        self.state: LinearAttentionState | None = None
+        self.state: LinearAttentionState | WindowState | None = None
         self.seen_tokens = 0
 
-    def advance(self, state: LinearAttentionState, tokens: int) -> None:
+    def advance(self, state: LinearAttentionState | WindowState, tokens: int) -> None:
         """Store the state after ``tokens`` more tokens."""
         self.state = state
         self.seen_tokens += tokens
@@ -69,9 +73,7 @@ class LinearAttentionCacheLayer(CacheLayerMixin):
 
     def nbytes(self) -> int:
         """Bytes of the state tensors (0 before the first token)."""
-        if self.state is None:
-            return 0
-        return sum(t.numel() * t.element_size() for t in (self.state.S, self.state.z) if t is not None)
+        return sum(t.numel() * t.element_size() for t in _tensors(self.state))
 
     def reset(self) -> None:
         self.state = None
@@ -97,9 +99,7 @@ class LinearAttentionCacheLayer(CacheLayerMixin):
         self._map(lambda t: t[indices])
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        if self.state is not None:
-            z = None if self.state.z is None else fn(self.state.z)
-            self.state = LinearAttentionState(S=fn(self.state.S), z=z)
+        self.state = _map_tensors(self.state, fn)
 
 
 class LinearAttentionCache(Cache):
@@ -144,3 +144,22 @@ def cache_nbytes(cache: Cache) -> int:
         elif getattr(layer, "keys", None) is not None:
             total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
     return total
+
+
+def _tensors(state: object) -> list[torch.Tensor]:
+    """Every tensor in a (possibly nested) state dataclass; [] for None."""
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if dataclasses.is_dataclass(state):
+        return [t for field in dataclasses.fields(state) for t in _tensors(getattr(state, field.name))]
+    return []
+
+
+def _map_tensors(state: object, fn: Callable[[torch.Tensor], torch.Tensor]) -> object:
+    """``state`` with ``fn`` applied to every tensor in it (nested dataclasses too); other values unchanged."""
+    if isinstance(state, torch.Tensor):
+        return fn(state)
+    if dataclasses.is_dataclass(state):
+        changes = {field.name: _map_tensors(getattr(state, field.name), fn) for field in dataclasses.fields(state)}
+        return dataclasses.replace(state, **changes)
+    return state

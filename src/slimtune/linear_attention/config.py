@@ -14,6 +14,13 @@ allowed):
   so the converted model starts further from the original (off by default).
 - ``share_feature_map``: one map for queries and keys (DiJiang, a kernel estimate φ(q)·φ(k) ≈ exp(q·k)), or
   two maps started equal and trained apart (as LoLCATs' learned maps).
+- ``window``: 0 for pure linear attention (DiJiang); w > 0 for LoLCATs' hybrid (``window.py``): the last w
+  keys of each query are read with exact softmax weights and only older keys through the feature map, which
+  recovers quality far faster. Needs ``normalize=True``. Cost and state stay linear / constant in T.
+- ``sink_tokens``: with a window, the first n keys are always read with softmax weights too (StreamingLLM's
+  attention sinks); they never enter the linear state.
+- ``window_mix``: with a window, the initial per-head weight g of the linear part against the softmax part
+  (learned as log g; g absorbs the scale between the two forms).
 - ``seed``: seeds the random parts (feature-map frequencies, gate weights); layer i uses ``seed + i``.
 """
 
@@ -39,6 +46,9 @@ class LinearizeConfig:
     normalize: bool = True
     output_gate: bool = False
     share_feature_map: bool = True
+    window: int = 0
+    sink_tokens: int = 0
+    window_mix: float = 0.1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -57,6 +67,18 @@ class LinearizeConfig:
         for name in ("decay", "normalize", "output_gate", "share_feature_map"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not allowed: expected True or False")
+        if not _is_int(self.window) or self.window < 0:
+            raise ConfigError(f"window={self.window!r} is not allowed: expected an int >= 0 (0: no softmax window)")
+        if not _is_int(self.sink_tokens) or self.sink_tokens < 0:
+            raise ConfigError(f"sink_tokens={self.sink_tokens!r} is not allowed: expected an int >= 0")
+        if self.sink_tokens and not self.window:
+            raise ConfigError(f"sink_tokens={self.sink_tokens} is not allowed with window=0: sinks need a window >= 1")
+        if self.window and not self.normalize:
+            raise ConfigError(f"window={self.window} is not allowed with normalize=False: the hybrid is normalised")
+        if isinstance(self.window_mix, bool) or not isinstance(self.window_mix, (int, float)) or not (
+            0 < self.window_mix < float("inf")
+        ):
+            raise ConfigError(f"window_mix={self.window_mix!r} is not allowed: expected a finite number > 0")
         if not _is_int(self.seed) or self.seed < 0:
             raise ConfigError(f"seed={self.seed!r} is not allowed: expected an int >= 0")
 

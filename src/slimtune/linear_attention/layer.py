@@ -28,6 +28,9 @@ Per token, for query head h (GQA: key/value heads are repeated to the H query he
   −|x|²/2 instead: the reweighting does not cost accuracy here.
 - γ = exp(−exp(θ_h)) per query head, θ learnable (``decay_log_rate``), so 0 < γ < 1 always; initialised as the
   official DiJiang code, 1 − γ geometric from 1/32 to 1/512 across heads.
+- Window (``config.window`` = w > 0, LoLCATs' hybrid, ``window.py``): the last w keys (and the first
+  ``sink_tokens``) are read with softmax weights exp(q·k·scale − max), scale = the original's ``scaling`` (else
+  d^(−1/2)), older keys through the map above, weighted by g_h = exp(``window_mix_log``[h]); one normaliser.
 - Padding: keys at positions the attention mask hides are zeroed (φk = 0), so left-padded batches decode right.
 
 Prefill and training run ``config.op`` (chunked by default); with a cache, a one-token step runs the recurrent op
@@ -51,6 +54,7 @@ from slimtune.linear_attention.cache import state_layer
 from slimtune.linear_attention.config import LinearizeConfig
 from slimtune.linear_attention.feature_maps import FEATURE_MAPS, FeatureMap, build_feature_map
 from slimtune.linear_attention.ops import get_linear_attention_op, linear_attention_recurrent
+from slimtune.linear_attention.window import sliding_window_linear_attention
 
 KERNEL_MAPS = ("dijiang", "performer")
 DECAY_RANGE = (1 / 32, 1 / 512)
@@ -78,7 +82,7 @@ class LinearAttention(nn.Module):
     """Causal linear attention on the pretrained projections of ``original`` (module docstring).
 
     New parts (:meth:`new_state_dict`): ``feature_map`` (and ``feature_map_k`` unless shared), ``decay_log_rate``
-    [H] (with decay), ``gate`` (Linear D → H·d) and ``group_norm`` (H groups) with the output gate. They take
+    [H] (with decay), ``window_mix_log`` [H] (with a window), ``gate`` (Linear D → H·d) and ``group_norm`` (H groups) with the output gate. They take
     the device and dtype of the kept projections. ``original`` is kept (not as a child: its weights are the kept
     children) so that attention transfer can run the softmax attention it replaces.
 
@@ -115,6 +119,11 @@ class LinearAttention(nn.Module):
         if config.decay:
             theta = initial_decay_log_rate(num_heads).to(device=reference.device, dtype=reference.dtype)
             self.decay_log_rate = nn.Parameter(theta)
+        self.window_mix_log = None
+        if config.window:
+            self.window_mix_log = nn.Parameter(torch.full((num_heads,), math.log(config.window_mix)))
+        scaling = getattr(original, "scaling", None)
+        self.softmax_scale = float(scaling) if isinstance(scaling, (int, float)) else head_dim**-0.5
         self.gate, self.group_norm = None, None
         if config.output_gate:
             self.gate = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
@@ -181,6 +190,8 @@ class LinearAttention(nn.Module):
         if valid is not None:
             fk = fk * valid[:, None, :, None].to(fk.dtype)
         c = self.config
+        if c.window:
+            return self._attend_window(q, k, v, fq, fk, valid, cache)
         options = {"log_decay": self.log_decay(), "normalize": c.normalize, "chunk_size": c.chunk_size}
         if cache is None:
             return self.op(fq, fk, v, **options)[0]
@@ -188,6 +199,35 @@ class LinearAttention(nn.Module):
         op = linear_attention_recurrent if q.shape[2] == 1 else self.op
         o, state = op(fq, fk, v, initial_state=layer.state, output_final_state=True, **options)
         layer.advance(state, q.shape[2])
+        return o
+
+    def _attend_window(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        fq: torch.Tensor,
+        fk: torch.Tensor,
+        valid: torch.Tensor | None,
+        cache: Cache | None,
+    ) -> torch.Tensor:
+        """The hybrid of ``window.py`` on q, k [B, H, T, d] (RoPE applied), v [B, H, T, d], fq, fk [B, H, T, m]."""
+        c = self.config
+        layer = None if cache is None else state_layer(cache, self.layer_idx)
+        o, state = sliding_window_linear_attention(
+            q, k, v, fq, fk,
+            window=c.window,
+            sinks=c.sink_tokens,
+            scale=self.softmax_scale,
+            mix=self.window_mix_log.exp(),
+            log_decay=self.log_decay(),
+            valid=valid,
+            initial_state=None if layer is None else layer.state,
+            linear_op=linear_attention_recurrent if layer is not None and q.shape[2] == 1 else self.op,
+            chunk_size=c.chunk_size,
+        )
+        if layer is not None:
+            layer.advance(state, q.shape[2])
         return o
 
     def _keywords(self, hidden_states: torch.Tensor, args: tuple, kwargs: dict) -> dict:
@@ -205,7 +245,8 @@ class LinearAttention(nn.Module):
         c = self.config
         return (
             f"feature_map={c.feature_map}, heads={self.num_heads}/{self.num_kv_heads}, head_dim={self.head_dim}, "
-            f"op={c.op}, decay={c.decay}, normalize={c.normalize}, output_gate={c.output_gate}"
+            f"op={c.op}, decay={c.decay}, normalize={c.normalize}, output_gate={c.output_gate}, window={c.window}, "
+            f"sink_tokens={c.sink_tokens}"
         )
 
 

@@ -1,0 +1,316 @@
+"""Sliding-window softmax attention plus linear attention on the keys that left the window (LoLCATs' hybrid), with
+attention sinks (StreamingLLM's first tokens kept in the softmax).
+
+For query i (absolute position), window w, n_s sink tokens, softmax scale s, feature-mapped fq, fk, per-head
+decay γ (1 without decay) and per-head mix g > 0:
+
+    W(i) = {j : i − w < j ≤ i} ∪ {j < n_s : j ≤ i}             keys read with softmax weights
+    L(i) = {j : n_s ≤ j ≤ i − w}                               keys read with linear-attention weights
+    a_ij = exp(s·q_i·k_j − m_i)   (j ∈ W(i)),   m_i = max_{j ∈ W(i)} s·q_i·k_j   (detached)
+    b_ij = g·γ^(i−j)·fq_i·fk_j    (j ∈ L(i))
+    o_i  = (Σ_j a_ij v_j + Σ_j b_ij v_j) / (Σ_j a_ij + Σ_j b_ij + eps)
+
+Every key is read exactly once, by one of the two forms; padding keys (``valid`` False) by neither. As LoLCATs
+does, the softmax part is stabilised by its own row maximum and g is learned, so g absorbs the scale between
+the two forms. With w ≥ T this is exact causal softmax attention.
+
+Cost: O(T·w·d) for the window (queries in blocks of w against two key blocks) plus the linear op's O(T·m·d).
+The linear sum is causal linear attention over the keys shifted right by w positions:
+Σ_{j ∈ L(i)} γ^(i−j) fq_i·fk_j [v_j, 1] = γ^w · Σ_{t ≤ i} γ^(i−t) fq_i·fk'_t [v'_t, 1] with fk'_t = fk_{t−w}
+(zero for t − w < n_s, or padding), so any op of ``ops.py`` computes it, numerator and normaliser in one call
+(an all-ones value column).
+
+The carried :class:`WindowState` has a size independent of the context length: the linear state, the last
+min(seen, w) tokens' k, v, fk, and the first min(seen, n_s) tokens' k, v. A sequence processed in pieces (or
+decoded token by token) gives the result of one call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from slimtune.errors import ConfigError, ShapeError
+from slimtune.linear_attention.ops import LinearAttentionOp, LinearAttentionState, linear_attention_chunked
+
+
+@dataclass
+class WindowState:
+    """What :func:`sliding_window_linear_attention` carries between calls (all float32, float64 for float64).
+
+    linear: the linear op's state, S [B, H, m, d_v + 1] (last column: the normaliser's key sum).
+    k [B, H, L, d], v [B, H, L, d_v], fk [B, H, L, m], valid [B, L]: the last L = min(seen, w) tokens.
+    sink_k [B, H, S, d], sink_v [B, H, S, d_v], sink_valid [B, S]: the first S = min(seen, n_s) tokens.
+    seen: the number of tokens processed so far.
+    """
+
+    linear: LinearAttentionState
+    k: torch.Tensor
+    v: torch.Tensor
+    fk: torch.Tensor
+    valid: torch.Tensor
+    sink_k: torch.Tensor
+    sink_v: torch.Tensor
+    sink_valid: torch.Tensor
+    seen: int
+
+
+def sliding_window_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    *,
+    window: int,
+    sinks: int = 0,
+    scale: float,
+    mix: torch.Tensor,
+    log_decay: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    initial_state: WindowState | None = None,
+    linear_op: LinearAttentionOp = linear_attention_chunked,
+    chunk_size: int = 64,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, WindowState]:
+    """The hybrid of the module docstring, blocked: linear in T. Returns (o [B, H, T, d_v], final state).
+
+    q, k: [B, H, T, d] (after RoPE; key/value heads already repeated to H); v: [B, H, T, d_v];
+    fq, fk: [B, H, T, m]; mix: [H], g > 0; log_decay: None or [H], ≤ 0; valid: None or [B, T] bool
+    (False: a padding key). ``linear_op``: any op of ``ops.py`` (``chunk_size`` goes to it). All arithmetic
+    runs in float32 for half/bfloat16 inputs; o has the inputs' dtype.
+
+    Raises:
+        ShapeError: shapes that do not fit together or with ``initial_state``.
+        ConfigError: window < 1 or sinks < 0.
+    """
+    out_dtype = _validate(q, k, v, fq, fk, window, sinks, mix, valid, initial_state)
+    acc = torch.promote_types(out_dtype, torch.float32)
+    q, k, v, fq, fk = (t.to(acc) for t in (q, k, v, fq, fk))
+    b, h, n, _ = q.shape
+    valid = q.new_ones(b, n, dtype=torch.bool) if valid is None else valid
+    state = initial_state if initial_state is not None else _empty_state(q, v, fq, acc)
+    seen, buffered = state.seen, state.k.shape[2]
+    ctx_k, ctx_v, ctx_fk = (torch.cat([s.to(acc), t], dim=2) for s, t in ((state.k, k), (state.v, v), (state.fk, fk)))
+    ctx_valid = torch.cat([state.valid, valid], dim=1)  # [B, L + T]
+    front = window - buffered  # ctx padded in front by this many becomes positions seen − w, seen − w + 1, ...
+
+    num, den, linear_state = _linear_part(
+        fq, ctx_fk, ctx_v, ctx_valid, front, seen, window, sinks, mix, log_decay, state.linear, linear_op, chunk_size
+    )
+    win_scores, win_values = _window_scores(q, ctx_k, ctx_v, ctx_valid, front, window, scale)  # blocked
+    new_sinks = max(0, sinks - seen)  # the first tokens of this call that are sinks
+    sink_k = torch.cat([state.sink_k.to(acc), k[:, :, :new_sinks]], dim=2)  # [B, H, S, d]
+    sink_v = torch.cat([state.sink_v.to(acc), v[:, :, :new_sinks]], dim=2)  # [B, H, S, d_v]
+    sink_valid = torch.cat([state.sink_valid, valid[:, :new_sinks]], dim=1)  # [B, S]
+    sink_scores = _sink_scores(q, sink_k, sink_valid, seen, window, scale)  # [B, H, T, S]
+
+    blocks = win_scores.shape[2]
+    row_max = _unblock(win_scores.amax(-1), n)  # [B, H, T]
+    if sink_scores.shape[-1]:
+        row_max = torch.maximum(row_max, sink_scores.amax(-1))
+    row_max = torch.where(row_max.isfinite(), row_max, torch.zeros_like(row_max)).detach()  # all masked: 0
+    blocked_max = F.pad(row_max, (0, blocks * window - n)).view(b, h, blocks, window, 1)
+    win_weights = (win_scores - blocked_max).exp()  # [B, H, N, w, 2w], 0 where masked
+    sink_weights = (sink_scores - row_max[..., None]).exp()  # [B, H, T, S]
+    num = num + _unblock(win_weights @ win_values, n) + sink_weights @ sink_v  # [B, H, T, d_v]
+    den = den + _unblock(win_weights.sum(-1), n) + sink_weights.sum(-1)  # [B, H, T]
+    o = num / (den + eps)[..., None]
+
+    kept = min(window, buffered + n)
+    final = WindowState(
+        linear=linear_state,
+        k=ctx_k[:, :, -kept:],
+        v=ctx_v[:, :, -kept:],
+        fk=ctx_fk[:, :, -kept:],
+        valid=ctx_valid[:, -kept:],
+        sink_k=sink_k,
+        sink_v=sink_v,
+        sink_valid=sink_valid,
+        seen=seen + n,
+    )
+    return o.to(out_dtype), final
+
+
+def sliding_window_linear_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    *,
+    window: int,
+    sinks: int = 0,
+    scale: float,
+    mix: torch.Tensor,
+    log_decay: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """The module docstring's formula with explicit [T, T] masks: O(T²), for tests only. Shapes as the fast form."""
+    out_dtype = _validate(q, k, v, fq, fk, window, sinks, mix, valid, None)
+    acc = torch.promote_types(out_dtype, torch.float32)
+    q, k, v, fq, fk = (t.to(acc) for t in (q, k, v, fq, fk))
+    n = q.shape[2]
+    pos = torch.arange(n, device=q.device)
+    lag = pos[:, None] - pos[None, :]  # [T, T], i − j
+    key_ok = torch.ones(q.shape[0], 1, 1, n, dtype=torch.bool, device=q.device)
+    if valid is not None:
+        key_ok = valid[:, None, None, :]
+    softmax_keys = (lag >= 0) & ((lag < window) | (pos[None, :] < sinks)) & key_ok  # [B, 1, T, T]
+    linear_keys = (lag >= window) & (pos[None, :] >= sinks) & key_ok  # [B, 1, T, T]
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~softmax_keys, float("-inf"))  # [B, H, T, T]
+    row_max = scores.amax(-1, keepdim=True)
+    row_max = torch.where(row_max.isfinite(), row_max, torch.zeros_like(row_max)).detach()
+    soft = (scores - row_max).exp()
+    log_decay = q.new_zeros(q.shape[1]) if log_decay is None else log_decay.to(acc)
+    decay = (log_decay[:, None, None] * lag.clamp(min=0)).exp()  # [H, T, T], γ^(i−j)
+    lin = (fq @ fk.transpose(-1, -2)) * decay * mix.to(acc)[:, None, None] * linear_keys  # [B, H, T, T]
+    weights = soft + lin
+    return (weights @ v / (weights.sum(-1, keepdim=True) + eps)).to(out_dtype)
+
+
+def _linear_part(
+    fq: torch.Tensor,
+    ctx_fk: torch.Tensor,
+    ctx_v: torch.Tensor,
+    ctx_valid: torch.Tensor,
+    front: int,
+    seen: int,
+    window: int,
+    sinks: int,
+    mix: torch.Tensor,
+    log_decay: torch.Tensor | None,
+    state: LinearAttentionState,
+    linear_op: LinearAttentionOp,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, LinearAttentionState]:
+    """g·Σ_{j ∈ L(i)} γ^(i−j) fq_i·fk_j v_j [B, H, T, d_v], its normaliser [B, H, T] and the op's final state.
+
+    The key entering the linear sum at query t is ctx[t] once ctx is front-padded by ``front`` (its absolute
+    position is seen − w + t); sinks, padding and not-yet-existing positions enter as zero.
+    """
+    b, h, n, _ = fq.shape
+    entering_fk = F.pad(ctx_fk, (0, 0, front, 0))[:, :, :n]  # [B, H, T, m]
+    entering_v = F.pad(ctx_v, (0, 0, front, 0))[:, :, :n]  # [B, H, T, d_v]
+    entering_valid = F.pad(ctx_valid, (front, 0), value=False)[:, :n]  # [B, T]
+    position = seen - window + torch.arange(n, device=fq.device)  # [T]
+    enters = entering_valid & (position >= sinks)[None, :]  # [B, T]
+    entering_fk = entering_fk * enters[:, None, :, None].to(entering_fk.dtype)
+    values = torch.cat([entering_v, entering_v.new_ones(b, h, n, 1)], dim=-1)  # [B, H, T, d_v + 1]
+    out, final = linear_op(
+        fq, entering_fk, values, log_decay=log_decay, normalize=False, initial_state=state,
+        output_final_state=True, chunk_size=chunk_size,
+    )
+    gain = mix.to(out.dtype)
+    if log_decay is not None:
+        gain = gain * (window * log_decay.to(out.dtype)).exp()  # γ^w: the shift's decay
+    out = out * gain[:, None, None]
+    return out[..., :-1], out[..., -1], final
+
+
+def _window_scores(
+    q: torch.Tensor,
+    ctx_k: torch.Tensor,
+    ctx_v: torch.Tensor,
+    ctx_valid: torch.Tensor,
+    front: int,
+    window: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocked window scores [B, H, N, w, 2w] (−inf outside the window) and values [B, H, N, 2w, d_v].
+
+    Queries in blocks of w (N = ⌈T/w⌉, the tail zero-padded); block c reads key blocks c and c+1 of the
+    front-padded ctx, which hold its window: query a of the block sees key b iff a < b ≤ a + w.
+    """
+    b, h, n, d = q.shape
+    blocks = -(-n // window)
+    tail = blocks * window - n
+    q = F.pad(q, (0, 0, 0, tail)).view(b, h, blocks, window, d)  # [B, H, N, w, d]
+    keys, values = (F.pad(t, (0, 0, front, tail)) for t in (ctx_k, ctx_v))  # [B, H, (N+1)·w, ·]
+    keys, values = (t.view(b, h, blocks + 1, window, t.shape[-1]) for t in (keys, values))
+    keys, values = (torch.cat([t[:, :, :-1], t[:, :, 1:]], dim=3) for t in (keys, values))  # [B, H, N, 2w, ·]
+    key_valid = F.pad(ctx_valid, (front, tail), value=False).view(b, blocks + 1, window)
+    key_valid = torch.cat([key_valid[:, :-1], key_valid[:, 1:]], dim=2)  # [B, N, 2w]
+    a = torch.arange(window, device=q.device)[:, None]
+    col = torch.arange(2 * window, device=q.device)[None, :]
+    band = (col > a) & (col <= a + window)  # [w, 2w]
+    allowed = band & key_valid[:, None, :, None, :]  # [B, 1, N, w, 2w]
+    scores = (q @ keys.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+    return scores, values
+
+
+def _sink_scores(
+    q: torch.Tensor, sink_k: torch.Tensor, sink_valid: torch.Tensor, seen: int, window: int, scale: float
+) -> torch.Tensor:
+    """[B, H, T, S] scores of the queries against the sinks outside their window (−inf elsewhere)."""
+    n, count = q.shape[2], sink_k.shape[2]
+    query_pos = seen + torch.arange(n, device=q.device)[:, None]  # [T, 1]
+    outside = torch.arange(count, device=q.device)[None, :] <= query_pos - window  # [T, S]
+    allowed = outside & sink_valid[:, None, None, :]  # [B, 1, T, S]
+    return (q @ sink_k.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+
+
+def _unblock(t: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, H, N, w, ...] → [B, H, T, ...]: blocks back to a sequence, the padded tail dropped."""
+    return t.flatten(2, 3)[:, :, :n]
+
+
+def _empty_state(q: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, dtype: torch.dtype) -> WindowState:
+    b, h, _, d = q.shape
+    d_v, m = v.shape[-1], fq.shape[-1]
+    empty = q.new_zeros(b, h, 0, 1, dtype=dtype)
+    no_tokens = torch.zeros(b, 0, dtype=torch.bool, device=q.device)
+    return WindowState(
+        linear=LinearAttentionState(S=q.new_zeros(b, h, m, d_v + 1, dtype=dtype)),
+        k=empty.expand(b, h, 0, d),
+        v=empty.expand(b, h, 0, d_v),
+        fk=empty.expand(b, h, 0, m),
+        valid=no_tokens,
+        sink_k=empty.expand(b, h, 0, d),
+        sink_v=empty.expand(b, h, 0, d_v),
+        sink_valid=no_tokens,
+        seen=0,
+    )
+
+
+def _validate(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    window: int,
+    sinks: int,
+    mix: torch.Tensor,
+    valid: torch.Tensor | None,
+    state: WindowState | None,
+) -> torch.dtype:
+    """Check the arguments (docstring of :func:`sliding_window_linear_attention`); return the output dtype."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ConfigError(f"window={window!r} is not allowed: expected a positive int")
+    if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
+        raise ConfigError(f"sinks={sinks!r} is not allowed: expected an int >= 0")
+    for name, t in (("q", q), ("k", k), ("v", v), ("fq", fq), ("fk", fk)):
+        if t.dim() != 4:
+            raise ShapeError(f"{name} must be 4-D [B, H, T, features], got shape {tuple(t.shape)}")
+    b, h, n, _ = q.shape
+    if n < 1:
+        raise ShapeError(f"sequence length T must be at least 1, got q of shape {tuple(q.shape)}")
+    if k.shape != q.shape:
+        raise ShapeError(f"k has shape {tuple(k.shape)}; it must equal q's {tuple(q.shape)}")
+    if v.shape[:3] != (b, h, n):
+        raise ShapeError(f"v has shape {tuple(v.shape)}; its first three sizes must be {(b, h, n)}")
+    if fq.shape[:3] != (b, h, n) or fk.shape != fq.shape:
+        raise ShapeError(
+            f"fq {tuple(fq.shape)} and fk {tuple(fk.shape)} must both be [B, H, T, m] with (B, H, T) = {(b, h, n)}"
+        )
+    if mix.shape != (h,):
+        raise ShapeError(f"mix must have shape [H]=({h},), got {tuple(mix.shape)}")
+    if valid is not None and (valid.shape != (b, n) or valid.dtype != torch.bool):
+        raise ShapeError(f"valid must be a bool tensor of shape {(b, n)}, got {valid.dtype} {tuple(valid.shape)}")
+    if state is not None and state.k.shape[:2] != (b, h):
+        raise ShapeError(f"initial_state holds batch and heads {tuple(state.k.shape[:2])}, the inputs {(b, h)}")
+    return torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)

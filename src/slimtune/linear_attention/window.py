@@ -100,23 +100,24 @@ def sliding_window_linear_attention(
     num, den, linear_state = _linear_part(
         fq, ctx_fk, ctx_v, ctx_valid, front, seen, window, sinks, mix, log_decay, state.linear, linear_op, chunk_size
     )
-    win_scores, win_values = _window_scores(q, ctx_k, ctx_v, ctx_valid, front, window, scale)  # blocked
+    if n == 1:  # a decoding step: its window is the last w tokens of ctx, no blocks needed
+        last = slice(-window, None)
+        window_part = _softmax_part(q, ctx_k[:, :, last], ctx_v[:, :, last], ctx_valid[:, None, None, last], scale)
+    else:
+        window_part = _blocked_window_part(q, ctx_k, ctx_v, ctx_valid, front, window, scale)
     new_sinks = max(0, sinks - seen)  # the first tokens of this call that are sinks
     sink_k = torch.cat([state.sink_k.to(acc), k[:, :, :new_sinks]], dim=2)  # [B, H, S, d]
     sink_v = torch.cat([state.sink_v.to(acc), v[:, :, :new_sinks]], dim=2)  # [B, H, S, d_v]
     sink_valid = torch.cat([state.sink_valid, valid[:, :new_sinks]], dim=1)  # [B, S]
-    sink_scores = _sink_scores(q, sink_k, sink_valid, seen, window, scale)  # [B, H, T, S]
+    query_pos = seen + torch.arange(n, device=q.device)[:, None]  # [T, 1]
+    outside = torch.arange(sink_k.shape[2], device=q.device)[None, :] <= query_pos - window  # [T, S]
+    sink_part = _softmax_part(q, sink_k, sink_v, outside & sink_valid[:, None, None, :], scale)
 
-    blocks = win_scores.shape[2]
-    row_max = _unblock(win_scores.amax(-1), n)  # [B, H, T]
-    if sink_scores.shape[-1]:
-        row_max = torch.maximum(row_max, sink_scores.amax(-1))
-    row_max = torch.where(row_max.isfinite(), row_max, torch.zeros_like(row_max)).detach()  # all masked: 0
-    blocked_max = F.pad(row_max, (0, blocks * window - n)).view(b, h, blocks, window, 1)
-    win_weights = (win_scores - blocked_max).exp()  # [B, H, N, w, 2w], 0 where masked
-    sink_weights = (sink_scores - row_max[..., None]).exp()  # [B, H, T, S]
-    num = num + _unblock(win_weights @ win_values, n) + sink_weights @ sink_v  # [B, H, T, d_v]
-    den = den + _unblock(win_weights.sum(-1), n) + sink_weights.sum(-1)  # [B, H, T]
+    row_max = _finite(torch.maximum(window_part[2], sink_part[2]))  # [B, H, T]
+    for part_num, part_den, part_max in (window_part, sink_part):
+        rescale = (part_max - row_max).exp()  # [B, H, T], 0 for a part with nothing visible
+        num = num + part_num * rescale[..., None]
+        den = den + part_den * rescale
     o = num / (den + eps)[..., None]
 
     kept = min(window, buffered + n)
@@ -211,7 +212,25 @@ def _linear_part(
     return out[..., :-1], out[..., -1], final
 
 
-def _window_scores(
+def _softmax_part(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unnormalised softmax attention of q [B, H, T, d] over keys [B, H, K, d], values [B, H, K, d_v].
+
+    ``visible`` (bool, broadcast to [B, H, T, K]) selects the keys each query reads. Returns
+    Σ exp(s − M) v [B, H, T, d_v], Σ exp(s − M) [B, H, T] and the row maximum M [B, H, T] (detached; −inf
+    where a query sees no key, whose sums are then 0).
+    """
+    if keys.shape[-2] == 0:
+        rows = q.shape[:-1]
+        return q.new_zeros(*rows, values.shape[-1]), q.new_zeros(rows), q.new_full(rows, float("-inf"))
+    scores = (q @ keys.transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))  # [B, H, T, K]
+    row_max = scores.amax(-1).detach()
+    weights = (scores - _finite(row_max)[..., None]).exp()
+    return weights @ values, weights.sum(-1), row_max
+
+
+def _blocked_window_part(
     q: torch.Tensor,
     ctx_k: torch.Tensor,
     ctx_v: torch.Tensor,
@@ -219,11 +238,10 @@ def _window_scores(
     front: int,
     window: int,
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blocked window scores [B, H, N, w, 2w] (−inf outside the window) and values [B, H, N, 2w, d_v].
-
-    Queries in blocks of w (N = ⌈T/w⌉, the tail zero-padded); block c reads key blocks c and c+1 of the
-    front-padded ctx, which hold its window: query a of the block sees key b iff a < b ≤ a + w.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_softmax_part` over each query's window, O(T·w·d): queries in blocks of w (N = ⌈T/w⌉, the tail
+    zero-padded), block c reading key blocks c and c+1 of the front-padded ctx, which hold its window: query a of
+    the block sees key b iff a < b ≤ a + w.
     """
     b, h, n, d = q.shape
     blocks = -(-n // window)
@@ -237,20 +255,14 @@ def _window_scores(
     a = torch.arange(window, device=q.device)[:, None]
     col = torch.arange(2 * window, device=q.device)[None, :]
     band = (col > a) & (col <= a + window)  # [w, 2w]
-    allowed = band & key_valid[:, None, :, None, :]  # [B, 1, N, w, 2w]
-    scores = (q @ keys.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
-    return scores, values
+    visible = band & key_valid[:, None, :, None, :]  # [B, 1, N, w, 2w]
+    num, den, row_max = _softmax_part(q, keys, values, visible, scale)  # blocked: [B, H, N, w, ·]
+    return _unblock(num, n), _unblock(den, n), _unblock(row_max, n)
 
 
-def _sink_scores(
-    q: torch.Tensor, sink_k: torch.Tensor, sink_valid: torch.Tensor, seen: int, window: int, scale: float
-) -> torch.Tensor:
-    """[B, H, T, S] scores of the queries against the sinks outside their window (−inf elsewhere)."""
-    n, count = q.shape[2], sink_k.shape[2]
-    query_pos = seen + torch.arange(n, device=q.device)[:, None]  # [T, 1]
-    outside = torch.arange(count, device=q.device)[None, :] <= query_pos - window  # [T, S]
-    allowed = outside & sink_valid[:, None, None, :]  # [B, 1, T, S]
-    return (q @ sink_k.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with −inf (a query that sees no key) replaced by 0, so exp(−inf − 0) = 0 rather than NaN."""
+    return torch.where(t.isfinite(), t, torch.zeros_like(t))
 
 
 def _unblock(t: torch.Tensor, n: int) -> torch.Tensor:

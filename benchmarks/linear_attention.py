@@ -10,7 +10,10 @@ Speed (default): for each context length T,
 
 Quality (``--quality``): held-out BBC News perplexity of the original model, the untrained conversion, after
 stage 1 (attention transfer) and after stage 2 (LM fine-tuning of the new parameters + LoRA), with the tokens
-each stage used and its wall time.
+each stage used and its wall time. With ``--window`` the untrained hybrid is also evaluated with its linear part
+off (softmax window and sinks only), and ``--window-only`` keeps it off for the whole run (no attention transfer, the
+same LM fine-tuning of the adapter alone); ``--reference-finetune`` also fine-tunes the original model with the same
+LoRA, steps and data, since LM fine-tuning on BBC News lowers the original's perplexity too.
 
 Run: ``.venv/bin/python benchmarks/linear_attention.py --lengths 512 2048 8192 16384`` (add ``--max-prefill N``
 to skip prefill above N tokens, whose SDPA forward alone takes minutes on 2 cores; ``--threads 1`` on a machine
@@ -48,7 +51,7 @@ from slimtune.linear_attention import (
 )
 from slimtune.linear_attention.window import WindowState
 from slimtune.models import load_smollm2
-from slimtune.train import evaluate_lm
+from slimtune.train import evaluate_lm, train_lm
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -151,6 +154,15 @@ def quality(args: argparse.Namespace, config: LinearizeConfig) -> dict:
         return result
 
     rows = [row("original (softmax)", base, 0, 0.0)]
+    adapter = st.LoraConfig(r=args.lora_r, alpha=2 * args.lora_r, target_modules=LORA_TARGETS)
+    if args.reference_finetune:
+        torch.manual_seed(0)
+        reference = st.get_adapted_model(copy.deepcopy(base), adapter)
+        tuned = train_lm(reference, train, steps=args.finetune_steps, batch_size=args.batch, lr=args.finetune_lr,
+                         warmup=max(1, args.finetune_steps // 10), desc="reference LM fine-tuning")
+        rows.append(row(f"reference: original + the same LM fine-tuning (LoRA r={args.lora_r})", reference,
+                        tuned.tokens, tuned.seconds, lr=args.finetune_lr))
+        del reference
     start = time.perf_counter()
     model = linearize(base, config)
     rows.append(row("converted, untrained", model, 0, time.perf_counter() - start,
@@ -159,22 +171,31 @@ def quality(args: argparse.Namespace, config: LinearizeConfig) -> dict:
         with linear_part_off(model):
             rows.append(row(f"ablation: softmax window {config.window} + {config.sink_tokens} sinks only", model, 0,
                             0.0, attention_mse=sum(attention_mse(model, held_out[:4]))))
-    torch.manual_seed(0)
-    transfer = attention_transfer(model, train, steps=args.transfer_steps, batch_size=args.batch, lr=args.transfer_lr,
-                                  warmup=max(1, args.transfer_steps // 10))
-    rows.append(row("+ attention transfer", model, transfer.tokens, transfer.seconds,
-                    attention_mse=sum(attention_mse(model, held_out[:4])), lr=args.transfer_lr))
-    adapter = st.LoraConfig(r=args.lora_r, alpha=2 * args.lora_r, target_modules=LORA_TARGETS)
-    model, tuned = finetune(model, train, steps=args.finetune_steps, batch_size=args.batch, lr=args.finetune_lr,
-                            adapter=adapter, warmup=max(1, args.finetune_steps // 10))
-    rows.append(row(f"+ LM fine-tuning (LoRA r={args.lora_r} + linear attention)", model, tuned.tokens, tuned.seconds,
-                    trainable=st.parameter_counts(model).trainable, lr=args.finetune_lr))
+    if args.window_only:  # ablation: no linear part at all, only the adapter learns
+        with linear_part_off(model):
+            model, tuned = finetune(model, train, steps=args.finetune_steps, batch_size=args.batch,
+                                    lr=args.finetune_lr, adapter=adapter, train_linear_attention=False,
+                                    warmup=max(1, args.finetune_steps // 10))
+            rows.append(row(f"window + sinks only, + LM fine-tuning (LoRA r={args.lora_r})", model, tuned.tokens,
+                            tuned.seconds, trainable=st.parameter_counts(model).trainable, lr=args.finetune_lr))
+        transfer_losses = []
+    else:
+        torch.manual_seed(0)
+        transfer = attention_transfer(model, train, steps=args.transfer_steps, batch_size=args.batch,
+                                      lr=args.transfer_lr, warmup=max(1, args.transfer_steps // 10))
+        rows.append(row("+ attention transfer", model, transfer.tokens, transfer.seconds,
+                        attention_mse=sum(attention_mse(model, held_out[:4])), lr=args.transfer_lr))
+        transfer_losses = transfer.losses
+        model, tuned = finetune(model, train, steps=args.finetune_steps, batch_size=args.batch, lr=args.finetune_lr,
+                                adapter=adapter, warmup=max(1, args.finetune_steps // 10))
+        rows.append(row(f"+ LM fine-tuning (LoRA r={args.lora_r} + linear attention)", model, tuned.tokens,
+                        tuned.seconds, trainable=st.parameter_counts(model).trainable, lr=args.finetune_lr))
     columns = ["stage", "held_out_ppl", "attention_mse", "train_tokens", "seconds", "trainable"]
     held = f"held-out {len(held_out)} x {args.seq_len} tokens"
     hybrid = f", softmax window {config.window} + {config.sink_tokens} sinks" if config.window else ""
     print(f"\n## SmolLM2-135M on BBC News, {config.feature_map} feature map{hybrid}, {held}\n")
     print(format_table(rows, columns))
-    return {"rows": rows, "transfer_losses": transfer.losses, "finetune_losses": tuned.losses}
+    return {"rows": rows, "transfer_losses": transfer_losses, "finetune_losses": tuned.losses}
 
 
 @contextlib.contextmanager
@@ -206,6 +227,10 @@ def main() -> None:
     parser.add_argument("--transfer-lr", type=float, default=5e-2)
     parser.add_argument("--finetune-lr", type=float, default=2e-3)
     parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--window-only", action="store_true",
+                        help="ablation: the linear part off for the whole run (needs --window); no attention transfer")
+    parser.add_argument("--reference-finetune", action="store_true",
+                        help="also LM-fine-tune the original softmax model the same way, for reference")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--eval-blocks", type=int, default=16)
@@ -213,6 +238,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.window_only and not args.window:
+        parser.error("--window-only needs --window")
     config = LinearizeConfig(
         feature_map=args.feature_map, decay=not args.no_decay, window=args.window, sink_tokens=args.sinks
     )

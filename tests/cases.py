@@ -7,6 +7,7 @@ through the same checks. Layer sizes are not powers of two, and ``bone_padded`` 
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
@@ -101,6 +102,26 @@ def build(kind: str, seed: int = 0) -> nn.Module:
 
 def adapted_copy(model: nn.Module, config: st.AdapterConfig, name: str = "default") -> nn.Module:
     return st.get_adapted_model(copy.deepcopy(model), config, name)
+
+
+def snapshot(model: nn.Module) -> dict[str, Any]:
+    """What a failed injection or load must not change: weights, module types, requires_grad, adapters."""
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "types": {name: type(module) for name, module in model.named_modules()},
+        "grad": {name: p.requires_grad for name, p in model.named_parameters()},
+        "configs": st.adapter_configs(model),
+        "active": st.active_adapters(model),
+    }
+
+
+def assert_unchanged(model: nn.Module, before: dict[str, Any]) -> None:
+    """``model`` is as :func:`snapshot` saw it."""
+    after = snapshot(model)
+    assert after["types"] == before["types"] and after["grad"] == before["grad"]
+    assert after["configs"] == before["configs"] and after["active"] == before["active"]
+    assert after["state"].keys() == before["state"].keys()
+    assert all(torch.equal(after["state"][k], v) for k, v in before["state"].items())
 
 
 def randomize_adapters(model: nn.Module, seed: int = 2, scale: float = 0.1) -> None:

@@ -175,11 +175,12 @@ def test_compare_writes_table_plot_and_record(tiny, texts, tmp_path, capsys):
 def test_linearize_then_evaluate(tiny, texts, tmp_path, capsys):
     out = tmp_path / "linear"
     assert run_cli("linearize", *data_options(tiny, texts), "--transfer-steps", "2", "--finetune-steps", "2",
-                   "--method", "lora", "--r", "4", "--feature-map", "dijiang", "--chunk-size", "16", "--output", out) == 0
+                   "--method", "lora", "--r", "4", "--feature-map", "dijiang", "--chunk-size", "16", "--window", "8", "--sink-tokens", "2",
+                   "--output", out) == 0
     record = json.loads((out / "run.json").read_text())
     stages = {entry["stage"]: entry["loss"] for entry in record["held_out_loss"]}
     assert list(stages) == ["original", "linearized", "attention transfer", "fine-tuned"]
-    assert record["linearize_config"]["chunk_size"] == 16
+    assert (record["linearize_config"]["chunk_size"], record["linearize_config"]["window"]) == (16, 8)
     capsys.readouterr()
     assert run_cli("eval", "--model", tiny, "--linear-attention", out / "linear_attention", "--adapter", out / "adapter",
                    "--data", texts[1], "--seq-len", "32", "--max-blocks", "16") == 0

@@ -184,9 +184,3 @@ def test_invalid_json(saved_bone):
     (saved_bone / "adapter_config.json").write_text("{not json")
     with pytest.raises(st.AdapterFileError, match="is not valid JSON"):
         st.load_adapter(tiny_mlp(), saved_bone)
-
-
-def test_wrong_input_width_is_reported_by_the_layer():
-    model = st.get_adapted_model(tiny_mlp(), CASES["bone"])
-    with pytest.raises(RuntimeError, match="30"):
-        model(torch.randn(2, 31))

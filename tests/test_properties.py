@@ -1,7 +1,8 @@
 """Property tests with hypothesis: random layer shapes and configs for every adapter family.
 
-For each drawn (d_in, d_out, config): identity at init, merge/unmerge round trip within tolerance, save/load
-round trip exact. Shapes are drawn so that the config fits (r divides what the variant needs).
+For each method and variant (``FAMILIES``) and each drawn (d_in, d_out, config): identity at init, merge/unmerge
+round trip within tolerance, save/load round trip exact. Shapes are drawn so that the config fits (r divides what
+the variant needs). 12 examples per family and property: 13 families × 3 properties × 12 = 468 examples.
 """
 
 from __future__ import annotations
@@ -9,32 +10,42 @@ from __future__ import annotations
 import math
 import tempfile
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 from torch import nn
 
 import slimtune as st
+from slimtune.adapters.disha import DISHA_VARIANTS
+from slimtune.adapters.surm import STRUCTURES as SURM_STRUCTURES
 from cases import randomize_adapters
 
-SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+STRUCTURES = ["circulant", "toeplitz", "toeplitz_symmetric", "toeplitz_product", "kronecker", "ldr"]
+# every method and variant registered: LoRA (+ rsLoRA), LoRA-SP, DiSHA's four variants, each SURM structure, the
+# SURM adapter (its structures and activations drawn)
+FAMILIES = ["lora", "lora_sp", "bone", "mini", "bat_col", "bat_row", *(f"surm_{s}" for s in STRUCTURES), "surm_adapter"]
 
 
 @hs.composite
-def layer_and_config(draw) -> tuple[int, int, st.AdapterConfig]:
-    """A (d_in, d_out) layer and a config of any family that fits it."""
-    family = draw(hs.sampled_from(["lora", "lora_sp", "bone", "mini", "bat_col", "bat_row", "surm", "surm_adapter"]))
+def layer_and_config(draw, family: str, mergeable: bool = False) -> tuple[int, int, st.AdapterConfig]:
+    """A (d_in, d_out) layer and a config of ``family`` that fits it (``mergeable``: SURM adapters linear only)."""
     if family in ("bat_col", "bat_row"):
         r = draw(hs.integers(1, 6))
         d_in, d_out = r * draw(hs.integers(1, 6)), r * draw(hs.integers(1, 6))
         return d_in, d_out, st.DishaConfig(r=r, variant=family)
-    if family in ("surm", "surm_adapter"):
+    if family.startswith("surm"):
         b = draw(hs.integers(1, 7))
         d_in, d_out = b * draw(hs.integers(1, 5)), b * draw(hs.integers(1, 5))
-        structure = draw(hs.sampled_from(["circulant", "toeplitz", "toeplitz_symmetric", "toeplitz_product", "ldr"]))
-        if family == "surm":
-            return d_in, d_out, st.SurmConfig(structure=structure, block_size=b, displacement_rank=draw(hs.integers(1, 3)))
-        return d_in, d_out, st.SurmAdapterConfig(structure=structure, block_size=b, target_modules=["layer"])
+        if family != "surm_adapter":
+            structure = family.removeprefix("surm_")
+            return d_in, d_out, st.SurmConfig(structure=structure, block_size=b, r=b, displacement_rank=draw(hs.integers(1, 3)))
+        structure = draw(hs.sampled_from(STRUCTURES))
+        activation = "identity" if mergeable else draw(hs.sampled_from(["identity", "gelu", "relu", "silu"]))
+        return d_in, d_out, st.SurmAdapterConfig(
+            structure=structure, block_size=b, r=b, activation=activation, bias=draw(hs.booleans()), target_modules=["layer"]
+        )
     d_in, d_out = draw(hs.integers(1, 40)), draw(hs.integers(1, 40))
     if family == "bone":
         return d_in, d_out, st.DishaConfig(r=draw(hs.integers(1, d_in)))
@@ -45,6 +56,12 @@ def layer_and_config(draw) -> tuple[int, int, st.AdapterConfig]:
     if family == "lora":
         return d_in, d_out, st.LoraConfig(r=r, use_rslora=draw(hs.booleans()))
     return d_in, d_out, st.LoraSpConfig(r=r, freeze_fraction=draw(hs.floats(0.0, 0.9)), granularity=draw(hs.sampled_from(["element", "rank"])))
+
+
+def test_every_registered_method_variant_and_structure_is_drawn():
+    """A method, DiSHA variant or SURM structure added to slimtune fails here until FAMILIES draws it."""
+    assert set(st.METHODS) == {"lora", "lora_sp", "disha", "surm", "surm_adapter"}
+    assert set(DISHA_VARIANTS) <= set(FAMILIES) and tuple(STRUCTURES) == SURM_STRUCTURES
 
 
 class OneLayer(nn.Module):
@@ -64,19 +81,21 @@ def build(d_in: int, d_out: int, config: st.AdapterConfig, bias: bool) -> tuple[
     return base, st.get_adapted_model(adapted, config)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @SETTINGS
-@given(layer_and_config(), hs.booleans())
-def test_identity_at_init(drawn, bias):
-    d_in, d_out, config = drawn
+@given(data=hs.data(), bias=hs.booleans())
+def test_identity_at_init(family, data, bias):
+    d_in, d_out, config = data.draw(layer_and_config(family))
     base, model = build(d_in, d_out, config, bias)
     x = torch.randn(3, d_in)
     torch.testing.assert_close(model(x), base(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @SETTINGS
-@given(layer_and_config(), hs.booleans())
-def test_merge_unmerge_round_trip(drawn, bias):
-    d_in, d_out, config = drawn
+@given(data=hs.data(), bias=hs.booleans())
+def test_merge_unmerge_round_trip(family, data, bias):
+    d_in, d_out, config = data.draw(layer_and_config(family, mergeable=True))
     _, model = build(d_in, d_out, config, bias)
     randomize_adapters(model, scale=0.2)
     x = torch.randn(3, d_in)
@@ -90,10 +109,11 @@ def test_merge_unmerge_round_trip(drawn, bias):
     assert (model.layer.base_layer.bias is None) == (not bias)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @SETTINGS
-@given(layer_and_config(), hs.booleans())
-def test_save_load_round_trip_is_exact(drawn, bias):
-    d_in, d_out, config = drawn
+@given(data=hs.data(), bias=hs.booleans())
+def test_save_load_round_trip_is_exact(family, data, bias):
+    d_in, d_out, config = data.draw(layer_and_config(family))
     base, model = build(d_in, d_out, config, bias)
     randomize_adapters(model)
     x = torch.randn(3, d_in)

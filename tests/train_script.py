@@ -3,8 +3,8 @@
 Run directly (one process) or under ``accelerate launch`` (several). The model, adapter and data come from fixed
 seeds, so every start builds the same run. ``--hang-after N`` writes ``<output-dir>/hung`` after step N (and its
 checkpoint) and then sleeps, for a test to kill it; ``--weights`` saves the final trainable parameters
-(safetensors) and ``--report`` a JSON summary, both from the main process. :func:`save_tiny_folder` gives the
-command-line tests a model folder.
+(safetensors) and ``--report`` a JSON summary, both from the main process. :func:`run_training` is the same run
+in the calling process; :func:`save_tiny_folder` gives the command-line tests a model folder.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import safetensors.torch
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import slimtune as st  # noqa: E402
 from cases import tiny_llama  # noqa: E402
-from slimtune.train import TrainConfig, train  # noqa: E402
+from slimtune.train import TrainConfig, TrainResult, train  # noqa: E402
 
 
 def token_blocks(n: int, seed: int) -> torch.Tensor:
@@ -47,6 +48,26 @@ def save_tiny_folder(folder: Path) -> Path:
     return folder
 
 
+def run_training(
+    output_dir: str | Path,
+    *,
+    steps: int = 8,
+    batch_size: int = 2,
+    grad_accum: int = 1,
+    dropout: float = 0.0,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    on_step: Callable[[dict], None] | None = None,
+) -> tuple[torch.nn.Module, TrainResult]:
+    """The run this script makes (a LoRA-adapted tiny Llama on 24 blocks [24, 16]); returns the model and result."""
+    model = st.get_adapted_model(tiny_llama(), st.LoraConfig(r=4, alpha=8.0, dropout=dropout))
+    config = TrainConfig(
+        steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=1e-2, warmup=2, seed=3, eval_every=4,
+        output_dir=str(output_dir), checkpoint_every=checkpoint_every, resume=resume, progress=False,
+    )
+    return model, train(model, token_blocks(24, seed=1), config, token_blocks(6, seed=2), on_step)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--output-dir", required=True)
@@ -61,19 +82,16 @@ def main() -> None:
     parser.add_argument("--report", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model = st.get_adapted_model(tiny_llama(), st.LoraConfig(r=4, alpha=8.0, dropout=args.dropout))
-    config = TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=1e-2, warmup=2, seed=3,
-        eval_every=4, output_dir=args.output_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
-        progress=False,
-    )
 
     def on_step(record: dict) -> None:
         if record["step"] == args.hang_after:
             (Path(args.output_dir) / "hung").write_text(str(record["step"]))
             time.sleep(600)
 
-    result = train(model, token_blocks(24, seed=1), config, token_blocks(6, seed=2), on_step)
+    model, result = run_training(
+        args.output_dir, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        dropout=args.dropout, checkpoint_every=args.checkpoint_every, resume=args.resume, on_step=on_step,
+    )
     state = PartialState()
     if not state.is_main_process:
         return

@@ -64,24 +64,37 @@ def save_checkpoint(
 
     Every process must call it (each saves its own RNG state); the main process writes the rest. ``model`` is
     the unwrapped model, ``state`` extra JSON data (data position, run settings). Returns the final folder.
+
+    Raises:
+        OSError: a file could not be written (disk full, say): the message names the step and the newest complete
+            checkpoint, which is left as it was; the half-written temporary folder is removed.
     """
     final = root / f"step-{step:06d}"
     tmp = root / f".step-{step:06d}.tmp"
-    if accelerator.is_main_process:
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        _write_encoded(tmp, f"rng-rank{accelerator.process_index}", rng_state())
+        if accelerator.is_main_process:
+            trainable = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+            atomic_write(tmp / TRAINABLE_FILE, lambda path: safetensors.torch.save_file(trainable, path))
+            _write_encoded(tmp, "optimizer", optimizer.state_dict())
+            _write_encoded(tmp, "scheduler", scheduler.state_dict())
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            files = {path.name: path.stat().st_size for path in sorted(tmp.iterdir())}
+            record = {**state, "format_version": FORMAT_VERSION, "step": step, "files": files}
+            atomic_write_json(tmp / STATE_FILE, record)
+    except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    _write_encoded(tmp, f"rng-rank{accelerator.process_index}", rng_state())
+        raise OSError(
+            err.errno,
+            f"cannot write the checkpoint of step {step} into {tmp} ({err.strerror or err}); nothing was replaced: "
+            f"the newest complete checkpoint is {latest_checkpoint(root)}. Free space and resume from it",
+        ) from err
     if accelerator.is_main_process:
-        trainable = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
-        atomic_write(tmp / TRAINABLE_FILE, lambda path: safetensors.torch.save_file(trainable, path))
-        _write_encoded(tmp, "optimizer", optimizer.state_dict())
-        _write_encoded(tmp, "scheduler", scheduler.state_dict())
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        files = {path.name: path.stat().st_size for path in sorted(tmp.iterdir())}
-        record = {**state, "format_version": FORMAT_VERSION, "step": step, "files": files}
-        atomic_write_json(tmp / STATE_FILE, record)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

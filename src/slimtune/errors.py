@@ -21,6 +21,10 @@ class TargetModulesError(SlimtuneError, ValueError):
     """``target_modules`` matched nothing, or matched a module the method cannot adapt."""
 
 
+class DeviceError(SlimtuneError, RuntimeError):
+    """An adapter's parameters are on another device than the input of its layer (move the whole model instead)."""
+
+
 class AdapterNameError(SlimtuneError, KeyError):
     """An adapter name that does not exist on the model, or that already exists when adding one."""
 

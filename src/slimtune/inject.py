@@ -10,11 +10,11 @@ import contextlib
 import dataclasses
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from torch import nn
 
-from slimtune.adapters.base import AdaptedLayer, is_supported_base
+from slimtune.adapters.base import AdaptedLayer, Adapter, is_supported_base
 from slimtune.config import ALL_LINEAR, AdapterConfig
 from slimtune.errors import AdapterNameError, ConfigError, TargetModulesError
 
@@ -52,9 +52,17 @@ def get_adapted_model(model: nn.Module, config: AdapterConfig, adapter_name: str
 
 
 def inject_adapter(
-    model: nn.Module, config: AdapterConfig, adapter_name: str, module_names: list[str]
+    model: nn.Module,
+    config: AdapterConfig,
+    adapter_name: str,
+    module_names: list[str],
+    prepare: Callable[[dict[str, Adapter]], None] | None = None,
 ) -> nn.Module:
-    """Inject into exactly ``module_names`` (each ``nn.Linear``/``Conv1D`` or an already adapted layer)."""
+    """Inject into exactly ``module_names`` (each ``nn.Linear``/``Conv1D`` or an already adapted layer).
+
+    ``prepare(built)`` (module name → new adapter) runs after every adapter is built and before any module is
+    replaced, so an error it raises (a saved tensor that does not fit, say) also leaves the model unchanged.
+    """
     check_adapter_name(adapter_name)
     configs = adapter_configs(model)
     if adapter_name in configs:
@@ -65,6 +73,8 @@ def inject_adapter(
         module = modules[name]
         base = module.base_layer if isinstance(module, AdaptedLayer) else module
         built[name] = config.build_adapter(base, name)
+    if prepare is not None:
+        prepare(built)
     for name, adapter in built.items():
         layer = modules[name]
         if not isinstance(layer, AdaptedLayer):
@@ -129,8 +139,8 @@ def find_target_modules(model: nn.Module, targets: list[str] | str) -> list[str]
         linear_names = [name for name, module in candidates if is_supported_base(module) or isinstance(module, AdaptedLayer)]
         suffixes = sorted({name.rsplit(".", 1)[-1] for name in linear_names})
         raise TargetModulesError(
-            f"target_modules={targets!r} matched no adaptable module of {type(model).__name__}; its linear "
-            f"modules include {linear_names[:5]} (name endings: {suffixes[:12]})"
+            f"target_modules={targets!r} matched no adaptable module of {type(model).__name__}: allowed are names "
+            f"or patterns of its linear modules, which include {linear_names[:5]} (name endings: {suffixes[:12]})"
         )
     return matched
 
@@ -195,6 +205,11 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 
 def merge_adapters(model: nn.Module, adapter_names: list[str] | None = None) -> None:
     """Merge adapters (default: the active ones) into every layer's base weight."""
+    if adapter_names is not None:
+        configs = adapter_configs(model)
+        unknown = [n for n in adapter_names if n not in configs]
+        if unknown:
+            raise AdapterNameError(f"adapter_names={adapter_names!r}: unknown {unknown}; the model has {list(configs)}")
     for _, layer in adapted_layers(model):
         layer.merge(None if adapter_names is None else [n for n in adapter_names if n in layer.adapters])
 

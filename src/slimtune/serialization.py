@@ -19,10 +19,10 @@ from safetensors import SafetensorError
 from torch import nn
 
 from slimtune import __version__
-from slimtune.adapters.base import AdaptedLayer, base_features, is_supported_base
-from slimtune.errors import AdapterFileError, SlimtuneError
+from slimtune.adapters.base import AdaptedLayer, Adapter, base_features, is_supported_base
+from slimtune.errors import AdapterFileError, AdapterNameError, SlimtuneError
 from slimtune.fileio import atomic_write, atomic_write_json
-from slimtune.inject import adapted_layers, adapter_configs, delete_adapter, inject_adapter
+from slimtune.inject import adapted_layers, adapter_configs, inject_adapter
 from slimtune.registry import config_from_dict
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -34,7 +34,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     """Write the adapter ``adapter_name`` of ``model`` into ``directory`` (created if needed); returns the folder."""
     configs = adapter_configs(model)
     if adapter_name not in configs:
-        raise AdapterFileError(f"adapter_name={adapter_name!r} is not on the model; it has {list(configs)}")
+        raise AdapterNameError(f"adapter_name={adapter_name!r} is not on the model; it has {list(configs)}")
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, dict[str, int]] = {}
     for name, layer in adapted_layers(model):
@@ -60,9 +60,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
 def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
     """Inject the adapter saved in ``directory`` into ``model`` as ``adapter_name`` (active and trainable).
 
+    Every check runs before the model is touched: on any error the model is left as it was.
+
     Raises:
         AdapterFileError: missing or damaged files, a newer format, an adapter for modules this model lacks or
             whose shapes differ (the message names the module and both shapes).
+        AdapterNameError: ``adapter_name`` already exists on the model.
     """
     directory = Path(directory)
     metadata = read_metadata(directory)
@@ -73,13 +76,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         config = config_from_dict(metadata["config"])
     except SlimtuneError as err:
         raise AdapterFileError(f"{directory / CONFIG_NAME}: {err}") from None
-    inject_adapter(model, config, adapter_name, list(modules))
-    try:
-        fill_parameters(model, adapter_name, tensors, directory)
-    except AdapterFileError:
-        delete_adapter(model, adapter_name)
-        raise
-    return model
+    return inject_adapter(
+        model, config, adapter_name, list(modules), prepare=lambda built: fill_parameters(built, tensors, directory)
+    )
 
 
 def read_metadata(directory: Path) -> dict[str, Any]:
@@ -99,6 +98,16 @@ def read_metadata(directory: Path) -> dict[str, Any]:
             f"{path} has format_version={metadata['format_version']!r} (written by slimtune "
             f"{metadata['slimtune_version']}); this slimtune {__version__} reads format_version <= {FORMAT_VERSION}: "
             "upgrade slimtune"
+        )
+    modules, base_model = metadata["modules"], metadata["base_model"]
+    shapes_ok = isinstance(modules, dict) and bool(modules) and all(
+        isinstance(shape, dict) and all(isinstance(shape.get(key), int) for key in ("d_in", "d_out"))
+        for shape in modules.values()
+    )
+    if not shapes_ok or not isinstance(base_model, dict) or not isinstance(metadata["config"], dict):
+        raise AdapterFileError(
+            f"{path} is damaged: expected 'modules' as a non-empty {{module name: {{'d_in': int, 'd_out': int}}}} and "
+            f"'config', 'base_model' as objects; got modules={str(modules)[:80]}, base_model={str(base_model)[:80]}"
         )
     return metadata
 
@@ -131,13 +140,10 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise AdapterFileError(f"{path} is damaged or not a safetensors file ({err})") from None
 
 
-def fill_parameters(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], directory: Path) -> None:
-    """Copy saved tensors into the freshly injected adapter, checking names and shapes."""
+def fill_parameters(built: dict[str, Adapter], tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    """Copy saved tensors into freshly built adapters (module name → adapter), checking names and shapes."""
     expected = set()
-    for name, layer in adapted_layers(model):
-        if adapter_name not in layer.adapters:
-            continue
-        adapter = layer.adapters[adapter_name]
+    for name, adapter in built.items():
         found = {}
         for tensor_name, current in adapter.saved_tensors().items():
             key = f"{name}.{tensor_name}"
@@ -146,7 +152,7 @@ def fill_parameters(model: nn.Module, adapter_name: str, tensors: dict[str, torc
                 raise AdapterFileError(f"{directory / WEIGHTS_NAME} lacks the tensor {key!r}")
             if tensors[key].shape != current.shape:
                 raise AdapterFileError(
-                    f"module {name!r}: saved {tensor_name} has shape {tuple(tensors[key].shape)}, this model's "
+                    f"{directory / WEIGHTS_NAME}, module {name!r}: saved {tensor_name} has shape {tuple(tensors[key].shape)}, this model's "
                     f"adapter needs {tuple(current.shape)}"
                 )
             found[tensor_name] = tensors[key]

@@ -16,8 +16,9 @@ number of tokens, so the mean of the processes' mean losses is the global mean).
 
 Resume (``resume=True``) restores the newest complete checkpoint: trainable parameters, optimizer and
 scheduler state, every process's Python/NumPy/torch RNG and the step (hence the data position), so the final
-weights equal an uninterrupted run's. A NaN or inf loss stops training before it touches the weights, with a
-FloatingPointError naming the step, the learning rate and the last good checkpoint.
+weights equal an uninterrupted run's. A NaN or inf loss, or a NaN or inf gradient (its global norm is taken
+before every optimizer step), stops training before it touches the weights, with a FloatingPointError naming the
+step, the learning rate and the last good checkpoint.
 
 Evaluation: :func:`evaluate_lm` (mean held-out loss) and :func:`topic_accuracy` (zero-shot topic classification).
 :func:`train_lm` is the short form the benchmarks and the linear-attention recovery use.
@@ -154,16 +155,20 @@ def train(
     ``metrics.jsonl``), after that step's evaluation and checkpoint.
 
     Raises:
-        ConfigError: no trainable parameter, no blocks, or a checkpoint that does not fit this run (the message
-            names the setting that changed).
-        FloatingPointError: the loss became NaN or inf (the message names the step, the learning rate and the
-            last good checkpoint; the weights are left as they were before that step).
+        ConfigError: no trainable parameter; ``blocks`` (or ``eval_blocks``) empty, not integer token ids
+            [n, seq_len], shorter than 2 tokens or holding ids outside the vocabulary; or a checkpoint that does
+            not fit this run (the message names the setting that changed).
+        FloatingPointError: the loss or a gradient became NaN or inf (the message names the step, the learning
+            rate and the last good checkpoint; the weights are left as they were before that step).
+        OSError: a checkpoint could not be written (the message names it and the newest complete one, which is
+            left intact).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameter: inject an adapter first")
-    if len(blocks) == 0:
-        raise ConfigError("blocks is empty: expected at least one token block to train on")
+    check_blocks("blocks", blocks, model)
+    if eval_blocks is not None:
+        check_blocks("eval_blocks", eval_blocks, model)
     accelerator = Accelerator()
     settings = {
         "global_batch": config.batch_size * config.grad_accum * accelerator.num_processes,
@@ -249,8 +254,9 @@ def train_lm(
     :func:`train` without shuffling, evaluation or files.
 
     Raises:
-        ConfigError: steps, batch_size or lr not positive, or no trainable parameter.
-        FloatingPointError: the loss became NaN or inf (the message names the step and the learning rate).
+        ConfigError: steps, batch_size or lr not positive, no trainable parameter, or bad ``blocks``.
+        FloatingPointError: the loss or a gradient became NaN or inf (the message names the step and the
+            learning rate).
     """
     config = TrainConfig(
         steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay, shuffle=False,
@@ -262,8 +268,7 @@ def train_lm(
 @torch.no_grad()
 def evaluate_lm(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> float:
     """Mean next-token cross-entropy of ``model`` over ``blocks`` [n, seq_len] (each block weighs the same)."""
-    if len(blocks) == 0:
-        raise ConfigError("blocks is empty: expected at least one token block to evaluate on")
+    check_blocks("blocks", blocks, model)
     was_training = model.training
     model.eval()
     total = 0.0
@@ -385,20 +390,25 @@ def _step(
             loss = model(input_ids=batch, labels=batch).loss
             mean = accelerator.reduce(loss.detach(), "mean").item()
             if not math.isfinite(mean):
-                raise FloatingPointError(_diverged_message(mean, step, optimizer.param_groups[0]["lr"], last_checkpoint))
+                lr = optimizer.param_groups[0]["lr"]
+                raise FloatingPointError(_diverged_message(f"loss is {mean}", step, lr, last_checkpoint))
             accelerator.backward(loss / config.grad_accum)
         total += mean
-    if config.max_grad_norm is not None:
-        accelerator.clip_grad_norm_(params, config.max_grad_norm)
+    # the global gradient norm (clipping to inf multiplies by 1.0, which changes no value); None under DeepSpeed
+    norm = accelerator.clip_grad_norm_(params, config.max_grad_norm or math.inf)
+    if norm is not None and not math.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        what = f"the gradient norm is {float(norm)}"
+        raise FloatingPointError(_diverged_message(what, step, optimizer.param_groups[0]["lr"], last_checkpoint))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total / config.grad_accum
 
 
-def _diverged_message(loss: float, step: int, lr: float, last_checkpoint: Path | None) -> str:
+def _diverged_message(what: str, step: int, lr: float, last_checkpoint: Path | None) -> str:
     kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
     return (
-        f"loss is {loss} at step {step} (after {step} completed steps; lr={lr:.4g}): training stopped before this "
+        f"{what} at step {step} (after {step} completed steps; lr={lr:.4g}): training stopped before this "
         f"step changed the weights; {kept}. Lower the learning rate (or check the data) and resume."
     )
 
@@ -419,6 +429,23 @@ def _check_same_run(saved: dict[str, Any], current: dict[str, Any], folder: Path
                 "saved; resume with the same data, batch size, gradient accumulation, seed and number of processes, "
                 "or start in a new output_dir"
             )
+
+
+def check_blocks(field: str, blocks: Any, model: nn.Module) -> None:
+    """Raise ConfigError unless ``blocks`` are integer token ids [n ≥ 1, seq_len ≥ 2] within the model's vocabulary."""
+    expected = "expected integer token ids [n_blocks, seq_len] with n_blocks >= 1 and seq_len >= 2"
+    if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.dtype.is_floating_point or blocks.is_complex():
+        shown = f"a tensor of shape {tuple(blocks.shape)} and dtype {blocks.dtype}" if isinstance(blocks, torch.Tensor) else type(blocks).__name__
+        raise ConfigError(f"{field} is {shown}: {expected}")
+    if blocks.shape[0] == 0:
+        raise ConfigError(f"{field} is empty (shape {tuple(blocks.shape)}): {expected}")
+    if blocks.shape[1] < 2:
+        raise ConfigError(f"{field} has seq_len={blocks.shape[1]}: {expected} (a next-token loss needs two tokens)")
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    low, high = blocks.min().item(), blocks.max().item()
+    if vocab is not None and (low < 0 or high >= vocab):
+        raise ConfigError(f"{field} holds token ids {low} .. {high}: allowed are 0 .. {vocab - 1} (the model's vocabulary)")
 
 
 def _check_int(field: str, value: Any, minimum: int) -> None:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimtune.errors import AdapterNameError, MergeError, TargetModulesError
+from slimtune.errors import AdapterNameError, DeviceError, MergeError, ShapeError, TargetModulesError
 
 
 def conv1d_class() -> type | None:
@@ -83,6 +83,10 @@ class Adapter(nn.Module, abc.ABC):
     @property
     def param_dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
+
+    @property
+    def param_device(self) -> torch.device:
+        return next(self.parameters()).device
 
     @abc.abstractmethod
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
@@ -194,7 +198,19 @@ class AdaptedLayer(nn.Module):
         return linear_weight(self.base_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run(x, [] if self.adapters_disabled else self.pending_adapters())
+        if x.shape[-1:] != (self.d_in,):
+            raise ShapeError(
+                f"input of shape {tuple(x.shape)} has last dimension {x.shape[-1] if x.dim() else None}, but this "
+                f"adapted layer is {self.d_in} -> {self.d_out}: allowed are inputs (..., d_in={self.d_in})"
+            )
+        adapters = [] if self.adapters_disabled else self.pending_adapters()
+        for adapter in adapters:
+            if adapter.param_device != x.device:
+                raise DeviceError(
+                    f"an adapter of this layer ({self.d_in} -> {self.d_out}) is on device {adapter.param_device}, its "
+                    f"input on {x.device}: allowed is one device for both; move the whole model with model.to(device)"
+                )
+        return self._run(x, adapters)
 
     def _run(self, x: torch.Tensor, adapters: list[Adapter]) -> torch.Tensor:
         """The chain ``adapters`` on top of the base layer: (..., d_in) → (..., d_out)."""

@@ -147,7 +147,10 @@ def load_linearized(model_or_path: nn.Module | str | os.PathLike, directory: str
     """
     directory = Path(directory)
     record = _read_record(directory)
-    config = LinearizeConfig.from_dict(record["config"])
+    try:
+        config = LinearizeConfig.from_dict(record["config"])
+    except ConfigError as err:
+        raise AdapterFileError(f"{directory / CONFIG_FILE}: {err}") from None
     if isinstance(model_or_path, nn.Module):
         model = model_or_path
     else:

@@ -23,6 +23,7 @@ import torch
 
 import slimtune as st
 import slimtune.checkpoint
+import slimtune.train
 from cases import tiny_llama
 from slimtune.checkpoint import checkpoint_problem, checkpoint_root, latest_checkpoint
 from slimtune.train import METRICS_FILE, TrainConfig, train
@@ -164,3 +165,51 @@ def test_a_nan_gradient_stops_before_the_step_and_names_the_last_checkpoint(tmp_
     assert f"the last good checkpoint is {checkpoint_root(tmp_path) / 'step-000002'}" in message
     assert all(torch.equal(p, seen[3][name]) for name, p in trainable(model).items())
     assert all(p.grad is None for p in model.parameters())
+
+
+class Killed(BaseException):
+    """Stands for the process dying at this point (not an Exception: nothing may catch it)."""
+
+
+def test_a_death_while_pruning_an_old_checkpoint_leaves_no_half_step_folder(tmp_path, monkeypatch):
+    """Pruning renames a folder away before deleting it, so dying inside the delete leaves only a hidden folder."""
+    real_rmtree = slimtune.checkpoint.shutil.rmtree
+
+    def dying_rmtree(path, ignore_errors=False):
+        files = sorted(Path(path).glob("*")) if Path(path).is_dir() else []
+        if files:
+            files[0].unlink()
+            raise Killed
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(slimtune.checkpoint.shutil, "rmtree", dying_rmtree)
+        with pytest.raises(Killed):
+            run_training(tmp_path, steps=6, checkpoint_every=1)  # keeps 2: step 3 prunes step 1
+    root = checkpoint_root(tmp_path)
+    folders = sorted(root.glob("step-*"))
+    assert [f.name for f in folders] == ["step-000002", "step-000003"]
+    assert all(checkpoint_problem(folder) is None for folder in folders)
+    expected, _ = run_training(tmp_path / "whole", steps=6)
+    model, result = run_training(tmp_path, steps=6, checkpoint_every=1, resume=True)
+    assert result.start_step == 3 and not list(root.glob(".step-*"))
+    assert all(torch.equal(p, trainable(expected)[n]) for n, p in trainable(model).items())
+
+
+def test_a_death_between_a_step_and_its_checkpoint_leaves_a_gapless_metrics_log(tmp_path, monkeypatch):
+    """The step's metrics line is written before its checkpoint; resuming from the previous one drops and redoes it."""
+    real_save = slimtune.train.save_checkpoint
+
+    def dying_save(root, step, *args):
+        if step == 4:
+            raise Killed
+        return real_save(root, step, *args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(slimtune.train, "save_checkpoint", dying_save)
+        with pytest.raises(Killed):
+            run_training(tmp_path, steps=6, checkpoint_every=2)
+    assert [record["step"] for record in logged_steps(tmp_path)] == [1, 2, 3, 4]
+    _, result = run_training(tmp_path, steps=6, checkpoint_every=2, resume=True)
+    assert result.start_step == 2
+    assert [record["step"] for record in logged_steps(tmp_path)] == [1, 2, 3, 4, 5, 6]

@@ -96,7 +96,7 @@ def save_checkpoint(
         ) from err
     if accelerator.is_main_process:
         if final.exists():
-            shutil.rmtree(final)
+            _remove(final)
         os.replace(tmp, final)
         _prune(root, keep)
     accelerator.wait_for_everyone()
@@ -266,11 +266,20 @@ def _step_folders(root: Path) -> list[tuple[int, Path]]:
 
 def _prune(root: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` complete checkpoints, every incomplete one, and stale temporaries."""
-    for tmp in root.glob(".step-*.tmp"):
-        shutil.rmtree(tmp, ignore_errors=True)
+    for stale in (*root.glob(".step-*.tmp"), *root.glob(".step-*.deleted")):
+        shutil.rmtree(stale, ignore_errors=True)
     kept = 0
     for _, folder in sorted(_step_folders(root), reverse=True):
         if kept < keep and checkpoint_problem(folder) is None:
             kept += 1
             continue
-        shutil.rmtree(folder, ignore_errors=True)
+        _remove(folder)
+
+
+def _remove(folder: Path) -> None:
+    """Delete a step folder without ever leaving half of it under its name (a kill during ``rmtree`` would):
+    rename it to the hidden ``.step-N.deleted`` first, which the next prune clears if this one is interrupted."""
+    trash = folder.with_name(f".{folder.name}.deleted")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)

@@ -217,13 +217,13 @@ def train(
             result.step_seconds.append(record["step_seconds"])
             if eval_blocks is not None and (done == config.steps or (config.eval_every and done % config.eval_every == 0)):
                 record["eval_loss"] = result.eval_losses[done] = _evaluate(accelerator, unwrapped, eval_blocks, config)
+            if log is not None:  # before the checkpoint: a kill between the two leaves a line the resume drops
+                log.write(record)
             if config.checkpoint_every and done % config.checkpoint_every == 0:
                 position = {"samples": done * settings["global_batch"], "run": settings, "config": dataclasses.asdict(config)}
                 result.checkpoint = save_checkpoint(
                     root, done, unwrapped, optimizer, scheduler, position, config.keep_checkpoints, accelerator
                 )
-            if log is not None:
-                log.write(record)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", **({"eval": f"{record['eval_loss']:.3f}"} if "eval_loss" in record else {}))
             if on_step is not None:

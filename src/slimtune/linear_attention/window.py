@@ -163,9 +163,7 @@ def sliding_window_linear_attention_reference(
     softmax_keys = (lag >= 0) & ((lag < window) | (pos[None, :] < sinks)) & key_ok  # [B, 1, T, T]
     linear_keys = (lag >= window) & (pos[None, :] >= sinks) & key_ok  # [B, 1, T, T]
     scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~softmax_keys, float("-inf"))  # [B, H, T, T]
-    row_max = scores.amax(-1, keepdim=True)
-    row_max = torch.where(row_max.isfinite(), row_max, torch.zeros_like(row_max)).detach()
-    soft = (scores - row_max).exp()
+    soft = (scores - _finite(scores.amax(-1, keepdim=True)).detach()).exp()
     log_decay = q.new_zeros(q.shape[1]) if log_decay is None else log_decay.to(acc)
     decay = (log_decay[:, None, None] * lag.clamp(min=0)).exp()  # [H, T, T], γ^(i−j)
     lin = (fq @ fk.transpose(-1, -2)) * decay * mix.to(acc)[:, None, None] * linear_keys  # [B, H, T, T]

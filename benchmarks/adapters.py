@@ -68,8 +68,8 @@ class LinearStack(nn.Module):
 
 
 def smollm2_workload(batch: int, seq_len: int) -> Workload:
-    from slimtune.data import lm_blocks
-    from slimtune.models import load_smollm2
+    from slimtune.app.corpus import lm_blocks
+    from slimtune.app.models import load_smollm2
 
     model, tokenizer = load_smollm2(dtype=torch.float32)
     ids = lm_blocks(tokenizer, split="train", seq_len=seq_len, max_blocks=batch)

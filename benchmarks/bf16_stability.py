@@ -20,8 +20,8 @@ import torch
 
 import slimtune as st
 from common import format_table, write_record
-from slimtune.data import lm_blocks
-from slimtune.models import load_smollm2
+from slimtune.app.corpus import lm_blocks
+from slimtune.app.models import load_smollm2
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

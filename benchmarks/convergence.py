@@ -2,7 +2,7 @@
 
 SmolLM2-135M, all seven projections of every layer, BBC News text: LoRA r=8 (2.44M trainable), Bone r=16
 (2.49M), Bat-Row r=16 (2.40M). Every method runs at each learning rate of its sweep on the same blocks in the
-same order (``slimtune.compare``); the best learning rate per method is the one with the lowest final held-out
+same order (``slimtune.app.compare``); the best learning rate per method is the one with the lowest final held-out
 loss. Prints the best runs' training and held-out losses over steps, writes the curves of the best runs to
 ``<out>/best_curves.png`` and a JSON record. The DiSHA paper claims Bone's loss falls faster than LoRA's: the
 table says whether it does here.
@@ -22,10 +22,10 @@ import torch  # noqa: E402
 
 import slimtune as st  # noqa: E402
 from common import format_table, write_record  # noqa: E402
-from slimtune.compare import CompareRun, compare  # noqa: E402
-from slimtune.data import lm_blocks  # noqa: E402
-from slimtune.models import load_smollm2  # noqa: E402
-from slimtune.train import TrainConfig  # noqa: E402
+from slimtune.app.compare import CompareRun, compare  # noqa: E402
+from slimtune.app.corpus import lm_blocks  # noqa: E402
+from slimtune.app.models import load_smollm2  # noqa: E402
+from slimtune.training import TrainConfig  # noqa: E402
 
 METHODS = {
     "lora": (st.LoraConfig(r=8, alpha=16.0), (1e-3, 3e-3, 1e-2)),

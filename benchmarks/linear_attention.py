@@ -41,17 +41,15 @@ from slimtune.linear_attention import (
     LinearAttentionCacheLayer,
     LinearAttentionState,
     LinearizeConfig,
-    attention_mse,
-    attention_transfer,
     cache_nbytes,
-    finetune,
     linear_attention_layers,
     linear_attention_parameters,
     linearize,
 )
+from slimtune.training.recovery import attention_mse, attention_transfer, finetune
 from slimtune.linear_attention.window import WindowState
-from slimtune.models import load_smollm2
-from slimtune.train import evaluate_lm, train_lm
+from slimtune.app.models import load_smollm2
+from slimtune.training import evaluate_lm, train_lm
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -139,7 +137,7 @@ def speed(args: argparse.Namespace, config: LinearizeConfig) -> dict:
 
 
 def quality(args: argparse.Namespace, config: LinearizeConfig) -> dict:
-    from slimtune.data import lm_blocks
+    from slimtune.app.corpus import lm_blocks
 
     base, tokenizer = load_smollm2(dtype=torch.float32)
     n_train = max(args.transfer_steps, args.finetune_steps) * args.batch

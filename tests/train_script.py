@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import slimtune as st  # noqa: E402
 from cases import tiny_llama  # noqa: E402
-from slimtune.train import TrainConfig, TrainResult, train  # noqa: E402
+from slimtune.training import TrainConfig, TrainResult, train  # noqa: E402
 
 
 def token_blocks(n: int, seed: int) -> torch.Tensor:
@@ -35,7 +35,7 @@ def token_blocks(n: int, seed: int) -> torch.Tensor:
 
 def save_tiny_folder(folder: Path) -> Path:
     """Save tiny_llama() (vocabulary 101) and a tokenizer of the 95 printable ASCII characters + unk, EOS into a
-    Hugging Face folder that ``slimtune.models.load_model`` (and so the command line) loads."""
+    Hugging Face folder that ``slimtune.app.models.load_model`` (and so the command line) loads."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

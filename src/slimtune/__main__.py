@@ -1,7 +1,7 @@
-"""``python -m slimtune``: the command line of :mod:`slimtune.cli`."""
+"""``python -m slimtune``: the command line of :mod:`slimtune.app.cli`."""
 
 from __future__ import annotations
 
-from slimtune.cli import main
+from slimtune.app.cli import main
 
 raise SystemExit(main())

@@ -1,27 +1,109 @@
-"""The base configuration shared by every adapter method: validation, JSON round trip.
+"""Configuration: the base of every adapter config, the JSON round trip, and the one set of field validators.
 
 Each method subclasses :class:`AdapterConfig` with its own fields and a ``method`` name. Field names are the
 same across methods (``r``, ``alpha``, ``dropout``, ``target_modules``). Invalid values fail in
 ``__post_init__`` with a :class:`~slimtune.errors.ConfigError` naming the field, the value and what is allowed.
+Every config of slimtune (adapters, training, linear attention) validates its fields with the ``check_*``
+helpers below, so ``True`` is never taken for ``1`` and the messages read alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from slimtune.errors import ConfigError
 
 ALL_LINEAR = "all-linear"
 
+T = TypeVar("T", bound="DictConfig")
+
+
+def check_int(field: str, value: Any, minimum: int = 1, *, optional: bool = False) -> None:
+    """Raise ConfigError unless ``value`` is an int >= ``minimum`` (bools are refused; None too unless ``optional``)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        allowed = "a positive integer (>= 1)" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"{field}={value!r} is not allowed: expected {allowed}" + (" or None" if optional else ""))
+
+
+def check_number(
+    field: str,
+    value: Any,
+    *,
+    above: float | None = None,
+    at_least: float | None = None,
+    below: float | None = None,
+    optional: bool = False,
+) -> None:
+    """Raise ConfigError unless ``value`` is a finite real number (not a bool) within the given bounds.
+
+    ``above`` / ``at_least``: exclusive / inclusive lower bound; ``below``: exclusive upper bound.
+    """
+    if optional and value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (above is None or value > above) and (at_least is None or value >= at_least)
+    ok = ok and (below is None or value < below)
+    if not ok:
+        raise ConfigError(f"{field}={value!r} is not allowed: expected {_range_words(above, at_least, below)}"
+                          + (" or None" if optional else ""))
+
+
+def _range_words(above: float | None, at_least: float | None, below: float | None) -> str:
+    """'a positive number', 'a number in [0, 1)', 'a number >= 0', ... for :func:`check_number`'s bounds."""
+    if above == 0 and below is None:
+        return "a positive number"
+    if at_least is not None and below is not None:
+        return f"a number in [{at_least:g}, {below:g})"
+    if above is not None and below is not None:
+        return f"a number in ({above:g}, {below:g})"
+    bound = f" > {above:g}" if above is not None else f" >= {at_least:g}" if at_least is not None else ""
+    bound = bound or (f" < {below:g}" if below is not None else "")
+    return f"a finite number{bound}"
+
+
+def check_bool(field: str, value: Any) -> None:
+    """Raise ConfigError unless ``value`` is True or False."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{field}={value!r} is not allowed: expected True or False")
+
+
+def check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
+    """Raise ConfigError unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ConfigError(f"{field}={value!r} is not allowed: expected one of {list(allowed)}")
+
 
 @dataclasses.dataclass
-class AdapterConfig:
+class DictConfig:
+    """A dataclass config with a JSON round trip: :meth:`to_dict` and :meth:`from_dict`."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as plain JSON-able data."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        """Rebuild a config from :meth:`to_dict` output; unknown keys are a ConfigError naming them."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a {cls.__name__} needs a dict of fields, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{cls.__name__} got unknown field(s) {unknown}; allowed fields: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclasses.dataclass
+class AdapterConfig(DictConfig):
     """Fields every method has.
 
     Args:
-        r: rank (LoRA) or shard size (DiSHA) or block size (structured methods); a positive integer.
+        r: the size of the method's update (LoRA: rank; DiSHA: shard size; SURM: the Kronecker factor size).
         dropout: dropout probability on the adapter's input, in [0, 1).
         target_modules: which modules to adapt. ``"all-linear"`` (default) adapts every ``nn.Linear`` and
             GPT-2 ``Conv1D`` except the model's output head. A list of names matches a module whose full name
@@ -36,11 +118,8 @@ class AdapterConfig:
     target_modules: list[str] | str = ALL_LINEAR
 
     def __post_init__(self) -> None:
-        check_positive_int("r", self.r)
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
-            raise ConfigError(f"dropout={self.dropout!r} is not allowed: expected a float in [0, 1)")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout={self.dropout!r} is not allowed: expected a float in [0, 1)")
+        check_int("r", self.r)
+        check_number("dropout", self.dropout, at_least=0.0, below=1.0)
         self._check_target_modules()
 
     def _check_target_modules(self) -> None:
@@ -65,28 +144,11 @@ class AdapterConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain JSON-able data, with its ``method`` name."""
-        return {"method": self.method, **dataclasses.asdict(self)}
+        return {"method": self.method, **super().to_dict()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
-        """Rebuild a config from :meth:`to_dict` output; unknown keys are an error (naming them)."""
-        data = {k: v for k, v in data.items() if k != "method"}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(
-                f"{cls.__name__} got unknown field(s) {unknown}; allowed fields: {sorted(known)}"
-            )
-        return cls(**data)
-
-
-def check_positive_int(field: str, value: Any) -> None:
-    """Raise ConfigError unless ``value`` is an int ≥ 1 (bools are refused)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{field}={value!r} is not allowed: expected a positive integer (>= 1)")
-
-
-def check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
-    """Raise ConfigError unless ``value`` is one of ``allowed``."""
-    if value not in allowed:
-        raise ConfigError(f"{field}={value!r} is not allowed: expected one of {list(allowed)}")
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        """Rebuild a config from :meth:`to_dict` output (the ``method`` key is dropped); unknown keys are an error."""
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if k != "method"}
+        return super().from_dict(data)

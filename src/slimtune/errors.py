@@ -38,3 +38,7 @@ class AdapterFileError(SlimtuneError, ValueError):
 
 class MergeError(SlimtuneError, RuntimeError):
     """A merge or unmerge that cannot be done exactly in the layer's current state."""
+
+
+class DataError(SlimtuneError, ValueError):
+    """A data file or data set is empty or malformed (the message names the path and line, or the row)."""

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from slimtune.adapters.base import Adapter, AdditiveAdapter, base_features, linear_weight, parameter_factory
-from slimtune.config import AdapterConfig, check_choice, check_positive_int
+from slimtune.config import AdapterConfig, check_choice, check_int
 from slimtune.errors import ConfigError, ShapeError
 from slimtune.functional import disha as F_disha
 
@@ -49,7 +49,7 @@ class DishaConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("variant", self.variant, DISHA_VARIANTS)
-        check_positive_int("mini_r", self.mini_r)
+        check_int("mini_r", self.mini_r)
         if self.variant.startswith("bat") and self.dropout > 0:
             raise ConfigError(
                 f"dropout={self.dropout!r} is not allowed with variant={self.variant!r}: Bat's update multiplies "

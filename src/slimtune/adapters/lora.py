@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimtune.adapters.base import AdditiveAdapter, base_features, parameter_factory
-from slimtune.config import AdapterConfig, check_choice
+from slimtune.config import AdapterConfig, check_bool, check_choice, check_number
 from slimtune.errors import ConfigError, ShapeError
 
 LORA_INITS = ("kaiming", "gaussian")
@@ -37,10 +37,8 @@ class LoraConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            raise ConfigError(f"alpha={self.alpha!r} is not allowed: expected a positive number")
-        if not isinstance(self.use_rslora, bool):
-            raise ConfigError(f"use_rslora={self.use_rslora!r} is not allowed: expected True or False")
+        check_number("alpha", self.alpha, above=0)
+        check_bool("use_rslora", self.use_rslora)
         check_choice("init", self.init, LORA_INITS)
 
     @property

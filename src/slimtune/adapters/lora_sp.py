@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimtune.adapters.lora import LoraAdapter, LoraConfig
-from slimtune.config import check_choice
+from slimtune.config import check_choice, check_int, check_number
 from slimtune.errors import ConfigError, ShapeError
 
 GRANULARITIES = ("element", "rank")
@@ -55,12 +55,9 @@ class LoraSpConfig(LoraConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        p = self.freeze_fraction
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-            raise ConfigError(f"freeze_fraction={p!r} is not allowed: expected a float in [0, 1)")
+        check_number("freeze_fraction", self.freeze_fraction, at_least=0.0, below=1.0)
         check_choice("granularity", self.granularity, GRANULARITIES)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"seed={self.seed!r} is not allowed: expected an integer >= 0")
+        check_int("seed", self.seed, minimum=0)
 
     def build_adapter(self, base_layer: nn.Module, module_name: str) -> LoraSpAdapter:
         return LoraSpAdapter(self, base_layer, module_name)

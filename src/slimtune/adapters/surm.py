@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimtune.adapters.base import Adapter, AdditiveAdapter, base_features, parameter_factory
-from slimtune.config import ALL_LINEAR, AdapterConfig, check_choice, check_positive_int
+from slimtune.config import ALL_LINEAR, AdapterConfig, check_bool, check_choice, check_int, check_number
 from slimtune.errors import ConfigError, MergeError, ShapeError
 from slimtune.functional import structured as S
 
@@ -63,11 +63,9 @@ class SurmConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("structure", self.structure, STRUCTURES)
-        if self.block_size is not None:
-            check_positive_int("block_size", self.block_size)
-        check_positive_int("displacement_rank", self.displacement_rank)
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
-            raise ConfigError(f"alpha={self.alpha!r} is not allowed: expected a finite number")
+        check_int("block_size", self.block_size, optional=True)
+        check_int("displacement_rank", self.displacement_rank)
+        check_number("alpha", self.alpha)
 
     def build_adapter(self, base_layer: nn.Module, module_name: str) -> Adapter:
         d_in, d_out = base_features(base_layer)
@@ -95,8 +93,7 @@ class SurmAdapterConfig(SurmConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("activation", self.activation, tuple(ACTIVATIONS))
-        if not isinstance(self.bias, bool):
-            raise ConfigError(f"bias={self.bias!r} is not allowed: expected True or False")
+        check_bool("bias", self.bias)
         if self.target_modules == ALL_LINEAR:
             raise ConfigError(
                 f"target_modules={ALL_LINEAR!r} is not allowed for surm_adapter: name the layers whose output is "

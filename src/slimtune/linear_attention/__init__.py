@@ -1,7 +1,8 @@
 """Linear attention: feature maps, causal linear-attention ops, conversion of HF models, cache and recovery training.
 
 ``linearize(model, LinearizeConfig(...))`` swaps softmax attention for :class:`LinearAttention` in place;
-``attention_transfer`` and ``finetune`` recover quality; generation runs on a constant-size
+:mod:`slimtune.training.recovery` recovers quality (attention transfer, then fine-tuning); generation runs on a
+constant-size
 :class:`LinearAttentionCache`. ``LinearizeConfig(window=w, sink_tokens=n)`` keeps exact softmax attention over the
 last w (and first n) keys and reads only older keys through the feature map (``window.py``).
 """
@@ -37,7 +38,6 @@ from slimtune.linear_attention.ops import (
     linear_attention_recurrent,
     linear_attention_reference,
 )
-from slimtune.linear_attention.transfer import attention_mse, attention_transfer, finetune
 from slimtune.linear_attention.window import (
     WindowState,
     sliding_window_linear_attention,
@@ -60,11 +60,8 @@ __all__ = [
     "LinearizeConfig",
     "PerformerFeatureMap",
     "WindowState",
-    "attention_mse",
-    "attention_transfer",
     "build_feature_map",
     "cache_nbytes",
-    "finetune",
     "fla_available",
     "get_linear_attention_op",
     "linear_attention_chunked",

@@ -27,15 +27,15 @@ allowed):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
+from slimtune.config import DictConfig, check_bool, check_choice, check_int, check_number
 from slimtune.errors import ConfigError
 from slimtune.linear_attention.feature_maps import FEATURE_MAPS
 from slimtune.linear_attention.ops import LINEAR_ATTENTION_OPS
 
 
 @dataclasses.dataclass
-class LinearizeConfig:
+class LinearizeConfig(DictConfig):
     """Settings of a softmax → linear attention conversion (module docstring)."""
 
     feature_map: str = "dijiang"
@@ -52,51 +52,19 @@ class LinearizeConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.feature_map not in FEATURE_MAPS:
-            raise ConfigError(
-                f"feature_map={self.feature_map!r} is not allowed: expected one of {sorted(FEATURE_MAPS)}"
-            )
-        if self.m is not None and (not _is_int(self.m) or self.m < 1):
-            raise ConfigError(f"m={self.m!r} is not allowed: expected a positive int, or None for head_dim")
+        check_choice("feature_map", self.feature_map, tuple(sorted(FEATURE_MAPS)))
+        check_int("m", self.m, optional=True)
         if self.feature_map == "hedgehog" and self.m is not None and self.m % 2:
             raise ConfigError(f"m={self.m!r} is not allowed with feature_map='hedgehog': expected an even int")
-        if self.op not in LINEAR_ATTENTION_OPS:
-            raise ConfigError(f"op={self.op!r} is not allowed: expected one of {sorted(LINEAR_ATTENTION_OPS)}")
-        if not _is_int(self.chunk_size) or self.chunk_size < 1:
-            raise ConfigError(f"chunk_size={self.chunk_size!r} is not allowed: expected a positive int")
+        check_choice("op", self.op, tuple(sorted(LINEAR_ATTENTION_OPS)))
+        check_int("chunk_size", self.chunk_size)
         for name in ("decay", "normalize", "output_gate", "share_feature_map"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name}={getattr(self, name)!r} is not allowed: expected True or False")
-        if not _is_int(self.window) or self.window < 0:
-            raise ConfigError(f"window={self.window!r} is not allowed: expected an int >= 0 (0: no softmax window)")
-        if not _is_int(self.sink_tokens) or self.sink_tokens < 0:
-            raise ConfigError(f"sink_tokens={self.sink_tokens!r} is not allowed: expected an int >= 0")
+            check_bool(name, getattr(self, name))
+        check_int("window", self.window, minimum=0)
+        check_int("sink_tokens", self.sink_tokens, minimum=0)
         if self.sink_tokens and not self.window:
             raise ConfigError(f"sink_tokens={self.sink_tokens} is not allowed with window=0: sinks need a window >= 1")
         if self.window and not self.normalize:
             raise ConfigError(f"window={self.window} is not allowed with normalize=False: the hybrid is normalised")
-        if isinstance(self.window_mix, bool) or not isinstance(self.window_mix, (int, float)) or not (
-            0 < self.window_mix < float("inf")
-        ):
-            raise ConfigError(f"window_mix={self.window_mix!r} is not allowed: expected a finite number > 0")
-        if not _is_int(self.seed) or self.seed < 0:
-            raise ConfigError(f"seed={self.seed!r} is not allowed: expected an int >= 0")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as a JSON-ready dict."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LinearizeConfig:
-        """Rebuild a config from :meth:`to_dict` output; unknown keys are a ConfigError naming them."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"a LinearizeConfig dict is expected, got {type(data).__name__}")
-        allowed = [field.name for field in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(allowed))
-        if unknown:
-            raise ConfigError(f"unknown LinearizeConfig field(s) {unknown}; allowed: {allowed}")
-        return cls(**data)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+        check_number("window_mix", self.window_mix, above=0)
+        check_int("seed", self.seed, minimum=0)

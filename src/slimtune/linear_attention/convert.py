@@ -133,12 +133,11 @@ def save_linearized(model: nn.Module, directory: str | os.PathLike) -> Path:
     return directory
 
 
-def load_linearized(model_or_path: nn.Module | str | os.PathLike, directory: str | os.PathLike) -> nn.Module:
-    """Linearise a model with the saved config and fill in the saved tensors; returns the model.
+def load_linearized(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Linearise ``model`` (in place) with the saved config and fill in the saved tensors; returns the model.
 
-    ``model_or_path``: a model (changed in place) or what :func:`slimtune.models.load_model` accepts
-    ("smollm2" or a local Hugging Face folder). Every saved tensor must match one the conversion adds, by
-    name and shape, and none may be missing; otherwise nothing is changed.
+    Every saved tensor must match one the conversion adds, by name and shape, and none may be missing;
+    otherwise nothing is changed.
 
     Raises:
         AdapterFileError: a file is missing or damaged, or the tensors do not fit this model (the message lists
@@ -151,12 +150,8 @@ def load_linearized(model_or_path: nn.Module | str | os.PathLike, directory: str
         config = LinearizeConfig.from_dict(record["config"])
     except ConfigError as err:
         raise AdapterFileError(f"{directory / CONFIG_FILE}: {err}") from None
-    if isinstance(model_or_path, nn.Module):
-        model = model_or_path
-    else:
-        from slimtune.models import load_model
-
-        model = load_model(model_or_path)[0]
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model of type {type(model).__name__} is not allowed: expected an nn.Module")
     try:
         saved = load_file(directory / TENSORS_FILE)
     except (OSError, SafetensorError) as err:

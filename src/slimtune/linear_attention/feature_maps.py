@@ -26,6 +26,7 @@ import torch
 from scipy.stats import norm, qmc
 from torch import nn
 
+from slimtune.config import check_int
 from slimtune.errors import ConfigError, ShapeError
 
 
@@ -61,12 +62,10 @@ class FeatureMap(nn.Module):
 
     def __init__(self, head_dim: int, num_heads: int, m: int | None = None) -> None:
         super().__init__()
-        for name, value in (("head_dim", head_dim), ("num_heads", num_heads)):
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive int, got {value!r}")
+        check_int("head_dim", head_dim)
+        check_int("num_heads", num_heads)
+        check_int("m", m, optional=True)
         m = head_dim if m is None else m
-        if not isinstance(m, int) or m < 1:
-            raise ConfigError(f"m (feature size) must be a positive int or None (= head_dim), got {m!r}")
         self.head_dim, self.num_heads, self.m = head_dim, num_heads, m
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from slimtune.config import check_int
 from slimtune.errors import ConfigError, ShapeError
 
 _OPTIONS = ("chunk_size",)
@@ -221,8 +222,7 @@ def linear_attention_chunked(
     Shapes and state as in the module docstring.
     """
     _check_options(kw)
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ConfigError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    check_int("chunk_size", chunk_size)
     q, k, v, log_decay, s0, z0, out_dtype = _prepare(q, k, v, log_decay, normalize, initial_state, eps)
     b, h, n, m = q.shape
     d_v = v.shape[-1]

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from slimtune.errors import ConfigError, ShapeError
+from slimtune.config import check_int
+from slimtune.errors import ShapeError
 from slimtune.linear_attention.ops import LinearAttentionOp, LinearAttentionState, linear_attention_chunked
 
 
@@ -299,10 +300,8 @@ def _validate(
     state: WindowState | None,
 ) -> torch.dtype:
     """Check the arguments (docstring of :func:`sliding_window_linear_attention`); return the output dtype."""
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ConfigError(f"window={window!r} is not allowed: expected a positive int")
-    if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
-        raise ConfigError(f"sinks={sinks!r} is not allowed: expected an int >= 0")
+    check_int("window", window)
+    check_int("sinks", sinks, minimum=0)
     for name, t in (("q", q), ("k", k), ("v", v), ("fq", fq), ("fk", fk)):
         if t.dim() != 4:
             raise ShapeError(f"{name} must be 4-D [B, H, T, features], got shape {tuple(t.shape)}")

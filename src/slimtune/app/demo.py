@@ -2,13 +2,13 @@
 
 1. Load SmolLM2-135M-Instruct (converted once from the bundled GGUF file, then cached) and pack BBC News
    training and validation articles into 128-token blocks.
-2. :func:`slimtune.compare.compare` LoRA, Bone, Bat-Row, SURM circulant and LoRA-SP, each with 2.2M–2.5M
+2. :func:`slimtune.app.compare.compare` LoRA, Bone, Bat-Row, SURM circulant and LoRA-SP, each with 2.2M–2.5M
    trainable parameters on all seven projections of every layer, for the same ``--steps`` AdamW steps on the
    same blocks in the same order; print the table; write ``<out>/loss_curves.png`` and ``<out>/compare.json``.
 3. Load the adapter with the lowest validation loss into a fresh copy of the model, merge it into the weights
    and generate greedily, beside the base model's generation of the same prompt.
 
-Run ``python -m slimtune.demo --help`` for the options.
+Run ``python -m slimtune.app.demo --help`` for the options.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ import time
 
 import torch
 
-from slimtune.compare import DEFAULT_RUNS, best_run, compare, format_table
-from slimtune.data import lm_blocks
+from slimtune.app.compare import DEFAULT_RUNS, best_run, compare, format_table
+from slimtune.app.corpus import lm_blocks
 from slimtune.inject import merge_and_unload
-from slimtune.models import load_smollm2
+from slimtune.app.models import load_smollm2
 from slimtune.serialization import load_adapter
-from slimtune.train import TrainConfig
+from slimtune.training.config import TrainConfig
 
 PROMPT = "The government said"
 

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import slimtune as st
-import slimtune.cli as cli
+import slimtune.app.cli as cli
 from cases import tiny_llama
 from slimtune.linear_attention import LinearizeConfig
-from slimtune.train import TrainConfig
+from slimtune.training import TrainConfig
 from train_script import save_tiny_folder
 
 COMMANDS = ["finetune", "compare", "linearize", "eval", "merge", "export", "bench"]
@@ -194,14 +194,20 @@ def test_topic_accuracy_on_bbc_news(tiny, capsys):
     assert report["examples"] == 3 and 0.0 <= report["accuracy"] <= 1.0 and report["chance"] == 0.2
 
 
-def test_bench_runs_the_benchmark_script_with_the_arguments(monkeypatch):
+def test_bench_runs_the_benchmark_script_of_the_checkout_with_the_arguments(monkeypatch):
     calls = []
     monkeypatch.setattr(cli.subprocess, "run", lambda command, check: calls.append(command) or subprocess.CompletedProcess(command, 0))
+    monkeypatch.chdir(Path(__file__).parents[2])
+    script = str(Path.cwd() / "benchmarks" / "adapters.py")
     assert run_cli("bench", "--workload", "synthetic", "--rounds", "3") == 0
     assert run_cli("bench", "--", "--help") == 0
-    assert calls == [[sys.executable, str(cli.BENCHMARK), "--workload", "synthetic", "--rounds", "3"],
-                     [sys.executable, str(cli.BENCHMARK), "--help"]]
-    assert cli.BENCHMARK.is_file()
+    assert calls == [[sys.executable, script, "--workload", "synthetic", "--rounds", "3"], [sys.executable, script, "--help"]]
+
+
+def test_bench_outside_a_checkout_says_where_to_run_it(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli("bench") == 1
+    assert "root of a source checkout" in capsys.readouterr().err
 
 
 def test_python_dash_m_slimtune():
@@ -219,7 +225,7 @@ def test_finetune_defaults_train_a_short_bone_run_on_smollm2(tmp_path, monkeypat
 
 
 def test_step_peak_bytes_counts_resident_state_and_grows_with_the_batch():
-    from slimtune.compare import step_peak_bytes
+    from slimtune.app.compare import step_peak_bytes
 
     model = st.get_adapted_model(tiny_llama(), st.LoraConfig(r=4))
     resident = sum(p.numel() * p.element_size() for p in model.parameters())

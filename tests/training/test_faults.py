@@ -22,14 +22,14 @@ import pytest
 import torch
 
 import slimtune as st
-import slimtune.checkpoint
-import slimtune.train
+import slimtune.training.checkpoint
+import slimtune.training.loop
 from cases import tiny_llama
-from slimtune.checkpoint import checkpoint_problem, checkpoint_root, latest_checkpoint
-from slimtune.train import METRICS_FILE, TrainConfig, train
+from slimtune.training.checkpoint import checkpoint_problem, checkpoint_root, latest_checkpoint
+from slimtune.training import METRICS_FILE, TrainConfig, train
 from train_script import run_training, token_blocks
 
-SCRIPT = Path(__file__).parent / "train_script.py"
+SCRIPT = Path(__file__).parents[1] / "train_script.py"
 STEPS = 24
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -105,9 +105,9 @@ def test_more_random_kill_moments(tmp_path, seed, uninterrupted):
 
 
 def fail_when_writing(monkeypatch, module_attribute: str, step_folder: str) -> None:
-    """Make ``slimtune.checkpoint.<module_attribute>`` raise ENOSPC for files inside ``step_folder``'s temporary."""
+    """Make ``slimtune.training.checkpoint.<module_attribute>`` raise ENOSPC for files inside ``step_folder``'s temporary."""
     owner, _, name = module_attribute.rpartition(".")
-    target = slimtune.checkpoint
+    target = slimtune.training.checkpoint
     for part in filter(None, owner.split(".")):
         target = getattr(target, part)
     original = getattr(target, name)
@@ -173,7 +173,7 @@ class Killed(BaseException):
 
 def test_a_death_while_pruning_an_old_checkpoint_leaves_no_half_step_folder(tmp_path, monkeypatch):
     """Pruning renames a folder away before deleting it, so dying inside the delete leaves only a hidden folder."""
-    real_rmtree = slimtune.checkpoint.shutil.rmtree
+    real_rmtree = slimtune.training.checkpoint.shutil.rmtree
 
     def dying_rmtree(path, ignore_errors=False):
         files = sorted(Path(path).glob("*")) if Path(path).is_dir() else []
@@ -183,7 +183,7 @@ def test_a_death_while_pruning_an_old_checkpoint_leaves_no_half_step_folder(tmp_
         real_rmtree(path, ignore_errors=ignore_errors)
 
     with monkeypatch.context() as patch:
-        patch.setattr(slimtune.checkpoint.shutil, "rmtree", dying_rmtree)
+        patch.setattr(slimtune.training.checkpoint.shutil, "rmtree", dying_rmtree)
         with pytest.raises(Killed):
             run_training(tmp_path, steps=6, checkpoint_every=1)  # keeps 2: step 3 prunes step 1
     root = checkpoint_root(tmp_path)
@@ -198,7 +198,7 @@ def test_a_death_while_pruning_an_old_checkpoint_leaves_no_half_step_folder(tmp_
 
 def test_a_death_between_a_step_and_its_checkpoint_leaves_a_gapless_metrics_log(tmp_path, monkeypatch):
     """The step's metrics line is written before its checkpoint; resuming from the previous one drops and redoes it."""
-    real_save = slimtune.train.save_checkpoint
+    real_save = slimtune.training.loop.save_checkpoint
 
     def dying_save(root, step, *args):
         if step == 4:
@@ -206,7 +206,7 @@ def test_a_death_between_a_step_and_its_checkpoint_leaves_a_gapless_metrics_log(
         return real_save(root, step, *args)
 
     with monkeypatch.context() as patch:
-        patch.setattr(slimtune.train, "save_checkpoint", dying_save)
+        patch.setattr(slimtune.training.loop, "save_checkpoint", dying_save)
         with pytest.raises(Killed):
             run_training(tmp_path, steps=6, checkpoint_every=2)
     assert [record["step"] for record in logged_steps(tmp_path)] == [1, 2, 3, 4]

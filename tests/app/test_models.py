@@ -19,19 +19,9 @@ import time
 import pytest
 import torch
 
-import slimtune.models as models
+import slimtune.app.models as models
 from slimtune.errors import ConfigError
-from slimtune.models import (
-    CACHE_MARKER,
-    SMOLLM2_FOLDER,
-    cache_root,
-    ensure_cache,
-    is_complete_cache,
-    load_minilm,
-    load_model,
-    load_smollm2,
-    smollm2_cache_folder,
-)
+from slimtune.app.models import CACHE_MARKER, SMOLLM2_FOLDER, cache_root, ensure_cache, is_complete_cache, load_minilm, load_model, load_smollm2, smollm2_cache_folder
 
 
 @pytest.fixture(scope="module")

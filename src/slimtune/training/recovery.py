@@ -6,7 +6,7 @@
    the softmax output on, so every layer sees the hidden states of the original model. Only the parameters the
    conversion added are trained (feature maps, decays, gates); the LM head is not run.
 2. :func:`finetune`: causal-LM training of the added parameters and, optionally, of a slimtune adapter
-   (``slimtune.get_adapted_model``), with :func:`slimtune.train.train_lm`.
+   (``slimtune.get_adapted_model``), with :func:`slimtune.training.train_lm`.
 
 Stage 1 runs the model in eval mode (no dropout, so the softmax targets are exact) and restores the model's
 mode and ``requires_grad`` flags afterwards.
@@ -27,7 +27,8 @@ from slimtune.config import AdapterConfig
 from slimtune.errors import ConfigError
 from slimtune.inject import get_adapted_model
 from slimtune.linear_attention.convert import linear_attention_layers, linear_attention_parameters
-from slimtune.train import TrainResult, cosine_with_warmup, train_lm
+from slimtune.training.config import TrainResult
+from slimtune.training.loop import cosine_with_warmup, train_lm
 
 
 def attention_transfer(
@@ -111,7 +112,7 @@ def finetune(
 
     With ``adapter``, it is injected first (``slimtune.get_adapted_model``, which freezes the base model);
     without, every parameter but the added ones is frozen. The trainable set is left as trained. Returns the
-    model (the same object) and :func:`slimtune.train.train_lm`'s result.
+    model (the same object) and :func:`slimtune.training.train_lm`'s result.
 
     Raises:
         ConfigError: nothing to train, or a setting ``train_lm`` refuses.

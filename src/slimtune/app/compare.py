@@ -1,6 +1,6 @@
 """Several adapter methods on the same model, data and steps: one table, one loss-curve plot, one JSON record.
 
-Each run adapts its own copy of the base model, trains it with :func:`slimtune.train.train` (same blocks in the
+Each run adapts its own copy of the base model, trains it with :func:`slimtune.training.train` (same blocks in the
 same order, same schedule; only the method, and optionally the learning rate, differ), evaluates on the same
 held-out blocks and saves its adapter under ``<output_dir>/<label>/adapter``. Reported per run:
 
@@ -40,7 +40,9 @@ from slimtune.fileio import atomic_write_json
 from slimtune.inject import get_adapted_model, parameter_counts
 from slimtune.memory import TensorMemoryPeak
 from slimtune.serialization import save_adapter
-from slimtune.train import TrainConfig, evaluate_lm, train
+from slimtune.training.config import TrainConfig
+from slimtune.training.evaluate import evaluate_lm
+from slimtune.training.loop import train
 
 RECORD_FILE = "compare.json"
 PLOT_FILE = "loss_curves.png"

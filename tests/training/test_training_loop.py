@@ -1,4 +1,4 @@
-"""slimtune.train.train: accumulation equivalence, schedule, evaluation, the JSONL log, data order, NaN stop."""
+"""slimtune.training.train: accumulation equivalence, schedule, evaluation, the JSONL log, data order, NaN stop."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import torch
 
 import slimtune as st
 from cases import tiny_llama
-from slimtune.checkpoint import checkpoint_root, decode, encode, latest_checkpoint
-from slimtune.train import METRICS_FILE, BlockOrder, TrainConfig, cosine_with_warmup, evaluate_lm, train
+from slimtune.training.checkpoint import checkpoint_root, decode, encode, latest_checkpoint
+from slimtune.training import METRICS_FILE, TrainConfig, cosine_with_warmup, evaluate_lm, train
+from slimtune.training.order import BlockOrder
 from train_script import token_blocks
 
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import slimtune as st
-from slimtune.compare import CompareRun, compare
-from slimtune.data import lm_blocks
-from slimtune.models import load_smollm2
-from slimtune.train import TrainConfig
+from slimtune.app.compare import CompareRun, compare
+from slimtune.app.corpus import lm_blocks
+from slimtune.app.models import load_smollm2
+from slimtune.training import TrainConfig
 
 
 @pytest.mark.slow

@@ -173,9 +173,9 @@ def test_registry_and_errors_name_the_field():
         build_feature_map("dijiang", D, H, qmc="random")
     with pytest.raises(ConfigError, match="hedgehog needs an even feature size m, got m=5"):
         build_feature_map("hedgehog", 5, H)
-    with pytest.raises(ConfigError, match="head_dim must be a positive int, got 0"):
+    with pytest.raises(ConfigError, match="head_dim=0 is not allowed: expected a positive integer"):
         build_feature_map("performer", 0, H)
-    with pytest.raises(ConfigError, match=r"m \(feature size\) must be a positive int or None"):
+    with pytest.raises(ConfigError, match=r"m=-2 is not allowed: expected a positive integer"):
         build_feature_map("performer", D, H, m=-2)
     with pytest.raises(ShapeError, match=r"expects x of shape \[B, H=3, T, d=6\], got \(2, 4, 7, 6\)"):
         build_feature_map("dijiang", D, H)(torch.randn(2, 4, 7, D))

@@ -3,7 +3,7 @@
 :func:`train` runs AdamW on the trainable parameters over packed token blocks [n, seq_len]: gradient
 accumulation, a cosine schedule with linear warm-up, periodic held-out evaluation, a progress bar on the main
 process, one JSON line of metrics per step in ``<output_dir>/metrics.jsonl`` (and TensorBoard scalars when
-``tensorboard`` is installed), and checkpoints every N steps (:mod:`slimtune.checkpoint`). DDP, FSDP or DeepSpeed
+``tensorboard`` is installed), and checkpoints every N steps (:mod:`slimtune.training.checkpoint`). DDP, FSDP or DeepSpeed
 come from ``accelerate launch`` and its config; the loop itself has no distributed code beyond asking accelerate
 to reduce the loss for logging. Only DDP on CPU (gloo) is tested.
 
@@ -20,7 +20,6 @@ weights equal an uninterrupted run's. A NaN or inf loss, or a NaN or inf gradien
 before every optimizer step), stops training before it touches the weights, with a FloatingPointError naming the
 step, the learning rate and the last good checkpoint.
 
-Evaluation: :func:`evaluate_lm` (mean held-out loss) and :func:`topic_accuracy` (zero-shot topic classification).
 :func:`train_lm` is the short form the benchmarks and the linear-attention recovery use.
 """
 
@@ -41,92 +40,14 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm import tqdm
 
-from slimtune.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
 from slimtune.errors import ConfigError
-from slimtune.fileio import atomic_write
+from slimtune.training.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
+from slimtune.training.config import TrainConfig, TrainResult
+from slimtune.training.evaluate import check_blocks, evaluate_lm
+from slimtune.training.metrics import MetricsLog
+from slimtune.training.order import BlockOrder
 
-METRICS_FILE = "metrics.jsonl"
 RUN_SETTINGS = ("global_batch", "n_blocks", "seq_len", "seed", "shuffle", "num_processes")
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Settings of :func:`train`.
-
-    Args:
-        steps: optimizer steps in all (a resumed run goes on up to this many).
-        batch_size: blocks per micro-batch on each process.
-        grad_accum: micro-batches per optimizer step (their gradients are summed, the loss divided).
-        lr: peak learning rate of AdamW.
-        warmup: steps of linear warm-up before the cosine decay to 0 at ``steps``.
-        weight_decay: AdamW's decoupled weight decay.
-        max_grad_norm: clip the global gradient norm to this (None: no clipping).
-        seed: draws the order of the blocks, one permutation per epoch.
-        shuffle: False takes the blocks in order, cycling.
-        eval_every: evaluate on the held-out blocks every this many steps (and always after the last one).
-        eval_batch_size: blocks per evaluation batch.
-        output_dir: where ``metrics.jsonl`` and ``checkpoints/`` go (None: neither is written).
-        checkpoint_every: save a checkpoint every this many steps (needs ``output_dir``).
-        keep_checkpoints: how many of the newest checkpoints to keep.
-        resume: go on from the newest complete checkpoint in ``output_dir`` (start afresh when there is none).
-        progress: show a progress bar (main process only).
-        desc: the progress bar's label.
-    """
-
-    steps: int = 100
-    batch_size: int = 2
-    grad_accum: int = 1
-    lr: float = 1e-4
-    warmup: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = None
-    seed: int = 0
-    shuffle: bool = True
-    eval_every: int | None = None
-    eval_batch_size: int = 4
-    output_dir: str | None = None
-    checkpoint_every: int | None = None
-    keep_checkpoints: int = 2
-    resume: bool = False
-    progress: bool = True
-    desc: str = "training"
-
-    def __post_init__(self) -> None:
-        for field in ("steps", "batch_size", "grad_accum", "eval_batch_size", "keep_checkpoints"):
-            _check_int(field, getattr(self, field), minimum=1)
-        for field in ("eval_every", "checkpoint_every"):
-            if getattr(self, field) is not None:
-                _check_int(field, getattr(self, field), minimum=1)
-        _check_int("warmup", self.warmup, minimum=0)
-        _check_int("seed", self.seed, minimum=0)
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr < math.inf:
-            raise ConfigError(f"lr={self.lr!r} is not allowed: expected a positive number")
-        if not isinstance(self.weight_decay, (int, float)) or not 0 <= self.weight_decay < math.inf:
-            raise ConfigError(f"weight_decay={self.weight_decay!r} is not allowed: expected a number >= 0")
-        if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0):
-            raise ConfigError(f"max_grad_norm={self.max_grad_norm!r} is not allowed: expected a positive number or None")
-        if self.output_dir is None:
-            for field in ("checkpoint_every", "resume"):
-                if getattr(self, field):
-                    raise ConfigError(f"{field}={getattr(self, field)!r} needs output_dir: set output_dir to a folder")
-
-
-@dataclasses.dataclass
-class TrainResult:
-    """What a :func:`train` call did. ``losses`` and ``step_seconds`` cover the steps run by this call only.
-
-    ``losses[i]`` is the mean training loss of step ``start_step + i + 1`` over all processes and micro-batches;
-    ``eval_losses`` maps a step (1-based count of steps done) to the held-out loss after it; ``tokens`` counts
-    the tokens trained on in this call, over all processes; ``checkpoint`` is the last one saved (or None).
-    """
-
-    losses: list[float]
-    seconds: float
-    tokens: int
-    step_seconds: list[float] = dataclasses.field(default_factory=list)
-    eval_losses: dict[int, float] = dataclasses.field(default_factory=dict)
-    start_step: int = 0
-    checkpoint: Path | None = None
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -265,109 +186,6 @@ def train_lm(
     return train(model, blocks, config)
 
 
-@torch.no_grad()
-def evaluate_lm(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> float:
-    """Mean next-token cross-entropy of ``model`` over ``blocks`` [n, seq_len] (each block weighs the same)."""
-    check_blocks("blocks", blocks, model)
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    for i in range(0, len(blocks), batch_size):
-        batch = blocks[i : i + batch_size].to(_device(model))
-        total += model(input_ids=batch, labels=batch).loss.item() * len(batch)
-    model.train(was_training)
-    return total / len(blocks)
-
-
-@torch.no_grad()
-def topic_accuracy(
-    model: nn.Module, tokenizer: Any, examples: list[tuple[str, int]], names: list[str], prompt_tokens: int = 96
-) -> float:
-    """Zero-shot accuracy of a causal LM on ``examples`` (text, label index into ``names``).
-
-    The prompt is the text's first ``prompt_tokens`` tokens and ``"\\nTopic:"``; the prediction is the name whose
-    continuation ``" " + name`` has the highest summed log-probability (all names scored in one batch).
-    """
-    if not examples:
-        raise ConfigError("examples is empty: expected at least one (text, label) pair")
-    was_training = model.training
-    model.eval()
-    candidates = [tokenizer(" " + name, add_special_tokens=False)["input_ids"] for name in names]
-    width = max(map(len, candidates))
-    correct = 0
-    for text, label in examples:
-        prompt = tokenizer(text, add_special_tokens=False)["input_ids"][:prompt_tokens]
-        prompt += tokenizer("\nTopic:", add_special_tokens=False)["input_ids"]
-        rows = [prompt + ids + [tokenizer.eos_token_id] * (width - len(ids)) for ids in candidates]
-        logprobs = model(input_ids=torch.tensor(rows, device=_device(model))).logits.log_softmax(-1)  # [names, T, vocab]
-        scores = [
-            sum(logprobs[i, len(prompt) + j - 1, token].item() for j, token in enumerate(ids))
-            for i, ids in enumerate(candidates)
-        ]
-        correct += int(max(range(len(names)), key=scores.__getitem__) == label)
-    model.train(was_training)
-    return correct / len(examples)
-
-
-class BlockOrder:
-    """Global sample position → block index: epoch e is a permutation drawn from (seed, e), or the identity."""
-
-    def __init__(self, n_blocks: int, seed: int, shuffle: bool) -> None:
-        self.n_blocks, self.seed, self.shuffle = n_blocks, seed, shuffle
-        self._epochs: dict[int, torch.Tensor] = {}
-
-    def indices(self, start: int, count: int) -> torch.Tensor:
-        """Block indices [count] of the global samples ``start … start + count − 1``."""
-        return torch.stack([self._permutation(p // self.n_blocks)[p % self.n_blocks] for p in range(start, start + count)])
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._epochs:
-            if len(self._epochs) > 1:  # a step straddles at most two epochs
-                del self._epochs[min(self._epochs)]
-            generator = torch.Generator().manual_seed((self.seed << 32) + epoch)
-            self._epochs[epoch] = (
-                torch.randperm(self.n_blocks, generator=generator) if self.shuffle else torch.arange(self.n_blocks)
-            )
-        return self._epochs[epoch]
-
-
-class MetricsLog:
-    """One JSON object per step, appended to ``<output_dir>/metrics.jsonl``; TensorBoard scalars when installed.
-
-    Opening it keeps only the lines of steps up to ``start_step`` (those of the resumed checkpoint's past), so a
-    run killed after its last checkpoint leaves no duplicate steps once resumed.
-    """
-
-    def __init__(self, output_dir: Path, start_step: int) -> None:
-        self.path = output_dir / METRICS_FILE
-        kept = []
-        if self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                with contextlib.suppress(ValueError):
-                    if json.loads(line).get("step", math.inf) <= start_step:
-                        kept.append(line + "\n")
-        atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(kept), encoding="utf-8"))
-        self.handle = self.path.open("a", encoding="utf-8")
-        self.tensorboard = None
-        if importlib.util.find_spec("tensorboard") is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step + 1)
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.handle.write(json.dumps(record) + "\n")
-        self.handle.flush()
-        if self.tensorboard is not None:
-            for key, value in record.items():
-                if key != "step":
-                    self.tensorboard.add_scalar(key, value, record["step"])
-
-    def close(self) -> None:
-        self.handle.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-
-
 def _step(
     accelerator: Accelerator,
     model: nn.Module,
@@ -431,29 +249,3 @@ def _check_same_run(saved: dict[str, Any], current: dict[str, Any], folder: Path
             )
 
 
-def check_blocks(field: str, blocks: Any, model: nn.Module) -> None:
-    """Raise ConfigError unless ``blocks`` are integer token ids [n ≥ 1, seq_len ≥ 2] within the model's vocabulary."""
-    expected = "expected integer token ids [n_blocks, seq_len] with n_blocks >= 1 and seq_len >= 2"
-    if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.dtype.is_floating_point or blocks.is_complex():
-        shown = f"a tensor of shape {tuple(blocks.shape)} and dtype {blocks.dtype}" if isinstance(blocks, torch.Tensor) else type(blocks).__name__
-        raise ConfigError(f"{field} is {shown}: {expected}")
-    if blocks.shape[0] == 0:
-        raise ConfigError(f"{field} is empty (shape {tuple(blocks.shape)}): {expected}")
-    if blocks.shape[1] < 2:
-        raise ConfigError(f"{field} has seq_len={blocks.shape[1]}: {expected} (a next-token loss needs two tokens)")
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    vocab = getattr(embeddings, "num_embeddings", None)
-    low, high = blocks.min().item(), blocks.max().item()
-    if vocab is not None and (low < 0 or high >= vocab):
-        raise ConfigError(f"{field} holds token ids {low} .. {high}: allowed are 0 .. {vocab - 1} (the model's vocabulary)")
-
-
-def _check_int(field: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        allowed = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ConfigError(f"{field}={value!r} is not allowed: expected {allowed}")
-
-
-def _device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")

@@ -18,9 +18,9 @@ import torch
 
 import slimtune as st
 from cases import CASES, assert_unchanged, randomize_adapters, snapshot, tiny_gpt2, tiny_llama, tiny_mlp
-from slimtune.checkpoint import STATE_FILE, checkpoint_problem, checkpoint_root, latest_checkpoint
+from slimtune.training.checkpoint import STATE_FILE, checkpoint_problem, checkpoint_root, latest_checkpoint
 from slimtune.linear_attention import linearize, load_linearized, save_linearized
-from slimtune.train import TrainConfig, train
+from slimtune.training import TrainConfig, train
 from train_script import token_blocks
 
 

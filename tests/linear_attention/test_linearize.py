@@ -20,17 +20,15 @@ from slimtune.errors import AdapterFileError, ConfigError
 from slimtune.linear_attention import (
     LinearAttention,
     LinearizeConfig,
-    attention_mse,
-    attention_transfer,
-    finetune,
     linear_attention_layers,
     linear_attention_parameters,
     linearize,
     load_linearized,
     save_linearized,
 )
-from slimtune.linear_attention.transfer import _teacher_forcing
-from slimtune.train import evaluate_lm
+from slimtune.training.recovery import attention_mse, attention_transfer, finetune
+from slimtune.training.recovery import _teacher_forcing
+from slimtune.training import evaluate_lm
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "query_key_value", "dense", "c_attn", "c_proj"]
 
@@ -158,7 +156,7 @@ def test_config_rejects_bad_values_naming_the_field(field, value):
 def test_config_round_trips_and_rejects_unknown_keys():
     config = LinearizeConfig(feature_map="hedgehog", m=10, op="reference", chunk_size=7, decay=False, seed=3)
     assert LinearizeConfig.from_dict(config.to_dict()) == config
-    with pytest.raises(ConfigError, match=r"unknown LinearizeConfig field\(s\) \['rank'\]"):
+    with pytest.raises(ConfigError, match=r"LinearizeConfig got unknown field\(s\) \['rank'\]"):
         LinearizeConfig.from_dict({**config.to_dict(), "rank": 4})
     with pytest.raises(ConfigError, match="m=7 is not allowed with feature_map='hedgehog'"):
         LinearizeConfig(feature_map="hedgehog", m=7)
@@ -266,8 +264,8 @@ def test_load_refuses_a_mismatch_and_leaves_the_model_unchanged(tmp_path):
 @pytest.mark.slow
 def test_smollm2_recovery_improves_perplexity_over_the_untrained_conversion():
     """Real SmolLM2-135M on BBC News: both recovery stages lower held-out perplexity (a few minutes on 2 cores)."""
-    from slimtune.data import lm_blocks
-    from slimtune.models import load_smollm2
+    from slimtune.app.corpus import lm_blocks
+    from slimtune.app.models import load_smollm2
 
     base, tokenizer = load_smollm2(dtype=torch.float32)
     train = lm_blocks(tokenizer, split="train", seq_len=128, max_blocks=48)

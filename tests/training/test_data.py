@@ -11,20 +11,12 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-import slimtune.data as data
-from slimtune.data import (
-    SPLITS,
-    DataError,
-    bbc_news_articles,
-    classification_examples,
-    lm_blocks,
-    load_texts,
-    pack_for_lm,
-    read_text_file,
-    split_articles,
-)
+
+from slimtune.app.corpus import SPLITS, bbc_news_articles, classification_examples, lm_blocks, split_articles
+from slimtune.errors import DataError
+from slimtune.training.data import load_texts, pack_for_lm, read_text_file
 from slimtune.errors import ConfigError, SlimtuneError
-from slimtune.models import load_smollm2_tokenizer
+from slimtune.app.models import load_smollm2_tokenizer
 
 TOPIC_COUNTS = {"business": 510, "entertainment": 386, "politics": 417, "sports": 511, "tech": 401}
 
@@ -202,4 +194,4 @@ def test_load_texts_from_a_dataset():
 
 
 def test_data_error_is_a_slimtune_value_error():
-    assert issubclass(data.DataError, SlimtuneError) and issubclass(data.DataError, ValueError)
+    assert issubclass(DataError, SlimtuneError) and issubclass(DataError, ValueError)

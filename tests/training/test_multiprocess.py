@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from train_script import save_tiny_folder
 
-SCRIPT = Path(__file__).parent / "train_script.py"
+SCRIPT = Path(__file__).parents[1] / "train_script.py"
 
 
 def launch_two(*command: str) -> list[str]:

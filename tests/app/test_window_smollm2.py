@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from slimtune.data import lm_blocks
+from slimtune.app.corpus import lm_blocks
 from slimtune.linear_attention import LinearAttentionCache, LinearizeConfig, linearize
-from slimtune.models import load_smollm2
-from slimtune.train import evaluate_lm
+from slimtune.app.models import load_smollm2
+from slimtune.training import evaluate_lm
 
 
 @pytest.mark.usefixtures("one_thread")

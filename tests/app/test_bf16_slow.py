@@ -14,7 +14,7 @@ import torch
 
 import slimtune as st
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
 
 from bf16_stability import configs, run  # noqa: E402
 
@@ -23,8 +23,8 @@ STEPS = 50
 
 @pytest.fixture(scope="module")
 def smollm2_bf16():
-    from slimtune.data import lm_blocks
-    from slimtune.models import load_smollm2
+    from slimtune.app.corpus import lm_blocks
+    from slimtune.app.models import load_smollm2
 
     model, tokenizer = load_smollm2(dtype=torch.bfloat16)
     return model, lm_blocks(tokenizer, "train", seq_len=64, max_blocks=STEPS)

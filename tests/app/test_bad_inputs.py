@@ -17,9 +17,10 @@ from torch import nn
 
 import slimtune as st
 from cases import assert_unchanged, snapshot, tiny_llama, tiny_mlp
-from slimtune.data import DataError, pack_for_lm, read_text_file
+from slimtune.errors import DataError
+from slimtune.training.data import pack_for_lm, read_text_file
 from slimtune.linear_attention import LinearizeConfig, build_feature_map, get_linear_attention_op
-from slimtune.train import TrainConfig, evaluate_lm, train
+from slimtune.training import TrainConfig, evaluate_lm, train
 
 ALLOWED_WORDS = ("allowed", "expected", "needs")
 

@@ -27,18 +27,11 @@ from typing import Any
 import torch
 
 from slimtune.adapters.disha import DISHA_VARIANTS
-from slimtune.cli_options import (
-    METHOD_CHOICES,
-    _option,
-    adapter_config,
-    add_config_options,
-    collect,
-    parse_run,
-)
+from slimtune.app.options import METHOD_CHOICES, _option, adapter_config, add_config_options, collect, parse_run
 from slimtune.errors import ConfigError, SlimtuneError
 from slimtune.registry import METHODS
 
-BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "adapters.py"
+BENCHMARK = Path("benchmarks") / "adapters.py"  # relative to a source checkout; the wheel ships no benchmarks
 _MODEL_HELP = "'smollm2' (bundled SmolLM2-135M), 'minilm', or a local Hugging Face model folder"
 _DATA_HELP = "'bbc' (bundled BBC News, train split) or a .txt / .jsonl / .csv file of documents"
 _METHOD_HELP = (
@@ -74,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command."""
     from slimtune.linear_attention import LinearizeConfig
-    from slimtune.train import TrainConfig
+    from slimtune.training.config import TrainConfig
 
     parser = argparse.ArgumentParser(prog="slimtune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -150,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    """Fine-tune a model with one adapter method (base frozen, adapter trained with slimtune.train).
+    """Fine-tune a model with one adapter method (base frozen, adapter trained with slimtune.training.train).
 
     Writes <output>/adapter (slimtune.save_adapter), <output>/metrics.jsonl (one JSON line per step),
     <output>/checkpoints/step-N every --checkpoint-every steps (--resume goes on from the newest complete one,
@@ -168,7 +161,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from slimtune.fileio import atomic_write_json
     from slimtune.inject import get_adapted_model, parameter_counts
     from slimtune.serialization import save_adapter
-    from slimtune.train import TrainConfig, train
+    from slimtune.training.config import TrainConfig
+    from slimtune.training.loop import train
 
     main_process = Accelerator().is_main_process  # the process state train() will use (accelerate launch's)
     output = Path(args.output)
@@ -206,13 +200,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     Prints a table (trainable parameters, median step time, peak memory, final training and held-out loss) and
     writes <output>/compare.json, <output>/loss_curves.png, and each run's adapter and metrics.jsonl under
     <output>/<label>/. Peak memory on CPU is the parameters + AdamW state + the peak of the tensors allocated
-    in one training step (see slimtune.compare).
+    in one training step (see slimtune.app.compare).
 
     example:
       slimtune compare --steps 30 --run lora:r=8,lr=1e-3 --run bone:r=16,lr=2e-4 --run bat_row:r=16,lr=2e-4
     """
-    from slimtune.compare import DEFAULT_RUNS, CompareRun, compare, format_table
-    from slimtune.train import TrainConfig
+    from slimtune.app.compare import DEFAULT_RUNS, CompareRun, compare, format_table
+    from slimtune.training.config import TrainConfig
 
     runs = [CompareRun(*parse_run(spec)) for spec in args.run] if args.run else DEFAULT_RUNS
     config = TrainConfig(**collect(args, args.train_options))
@@ -236,15 +230,10 @@ def cmd_linearize(args: argparse.Namespace) -> int:
     load_linearized or `slimtune eval --linear-attention`), <output>/adapter with --method, and <output>/run.json.
     """
     from slimtune.fileio import atomic_write_json
-    from slimtune.linear_attention import (
-        LinearizeConfig,
-        attention_transfer,
-        finetune,
-        linearize,
-        save_linearized,
-    )
+    from slimtune.linear_attention import LinearizeConfig, linearize, save_linearized
+    from slimtune.training.recovery import attention_transfer, finetune
     from slimtune.serialization import save_adapter
-    from slimtune.train import evaluate_lm
+    from slimtune.training.evaluate import evaluate_lm
 
     la_config = LinearizeConfig(**collect(args, args.linear_options))
     adapter_values = collect(args, args.adapter_options, skip_none=True)
@@ -290,15 +279,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a model, after loading an adapter and/or linear attention: held-out perplexity on text blocks,
     or zero-shot BBC News topic accuracy (the topic whose name is likeliest after the article's beginning and
     "Topic:"). Prints one JSON line."""
-    from slimtune.data import (
-        bbc_news_articles,
-        lm_blocks,
-        load_texts,
-        pack_for_lm,
-        split_articles,
-    )
+    from slimtune.app.corpus import bbc_news_articles, lm_blocks, split_articles
+    from slimtune.training.data import load_texts, pack_for_lm
     from slimtune.serialization import load_adapter
-    from slimtune.train import evaluate_lm, topic_accuracy
+    from slimtune.training.evaluate import evaluate_lm
+    from slimtune.app.tasks import topic_accuracy
 
     model, tokenizer = _load(args.model)
     if args.linear_attention:
@@ -353,23 +338,28 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Run the adapter benchmark (benchmarks/adapters.py of the source checkout: step time and peak memory of
+    """Run the adapter benchmark (benchmarks/adapters.py of the source checkout in the current folder: step time and peak memory of
     slimtune's adapters against PEFT's). ARGS go to the script: `slimtune bench --workload synthetic --rounds 3`;
     `slimtune bench -- --help` lists them."""
-    if not BENCHMARK.is_file():
-        raise FileNotFoundError(f"{BENCHMARK} does not exist: `slimtune bench` needs a source checkout of slimtune")
-    return subprocess.run([sys.executable, str(BENCHMARK), *args.bench_args], check=False).returncode
+    script = Path.cwd() / BENCHMARK
+    if not script.is_file():
+        raise FileNotFoundError(
+            f"{script} does not exist: run `slimtune bench` from the root of a source checkout of slimtune (the "
+            "benchmarks are not part of the installed package)"
+        )
+    return subprocess.run([sys.executable, str(script), *args.bench_args], check=False).returncode
 
 
 def _load(name: str) -> tuple[Any, Any]:
-    from slimtune.models import load_model
+    from slimtune.app.models import load_model
 
     return load_model(name)
 
 
 def _data(args: argparse.Namespace, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(training blocks, held-out blocks or None) from --data, --eval-data, --seq-len, --train-blocks, --eval-blocks."""
-    from slimtune.data import lm_blocks, load_texts, pack_for_lm
+    from slimtune.app.corpus import lm_blocks
+    from slimtune.training.data import load_texts, pack_for_lm
 
     if args.data == "bbc":
         train_blocks = lm_blocks(tokenizer, "train", args.seq_len, args.train_blocks)

@@ -229,7 +229,7 @@ def test_invalid_arguments_name_the_field():
         linear_attention_recurrent(q, k, v, chunk=4)
     with pytest.raises(ConfigError, match=r"option\(s\) \['chunks'\]; allowed: \['chunk_size'\]"):
         linear_attention_chunked(q, k, v, chunks=4)
-    with pytest.raises(ConfigError, match="chunk_size must be a positive int, got 0"):
+    with pytest.raises(ConfigError, match="chunk_size=0 is not allowed: expected a positive integer"):
         linear_attention_chunked(q, k, v, chunk_size=0)
     with pytest.raises(ShapeError, match=r"query heads H=6 must be a multiple of key/value heads Hkv=4"):
         linear_attention_chunked(q, k.repeat(1, 2, 1, 1), v.repeat(1, 2, 1, 1))

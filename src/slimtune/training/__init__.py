@@ -1,0 +1,28 @@
+"""Training: the one loop on ``accelerate`` (causal-LM fine-tuning and linear-attention recovery run on it),
+its checkpoints, data order, metrics log and evaluation, and text data packed into token blocks.
+
+Imports the core (:mod:`slimtune`) and never the application layer (:mod:`slimtune.app`).
+"""
+
+from slimtune.training.config import TrainConfig, TrainResult
+from slimtune.training.data import load_texts, pack_for_lm, read_text_file
+from slimtune.training.evaluate import evaluate_lm
+from slimtune.training.loop import cosine_with_warmup, train, train_lm
+from slimtune.training.metrics import METRICS_FILE
+from slimtune.training.recovery import attention_mse, attention_transfer, finetune
+
+__all__ = [
+    "METRICS_FILE",
+    "TrainConfig",
+    "TrainResult",
+    "attention_mse",
+    "attention_transfer",
+    "cosine_with_warmup",
+    "evaluate_lm",
+    "finetune",
+    "load_texts",
+    "pack_for_lm",
+    "read_text_file",
+    "train",
+    "train_lm",
+]

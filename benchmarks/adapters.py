@@ -20,8 +20,8 @@ import statistics
 from collections.abc import Callable
 
 import torch
-from peft import LoraConfig as PeftLoraConfig
 from peft import C3AConfig, MissConfig, get_peft_model
+from peft import LoraConfig as PeftLoraConfig
 from torch import nn
 
 import slimtune as st
@@ -74,7 +74,10 @@ def smollm2_workload(batch: int, seq_len: int) -> Workload:
     model, tokenizer = load_smollm2(dtype=torch.float32)
     ids = lm_blocks(tokenizer, split="train", seq_len=seq_len, max_blocks=batch)
     return Workload(
-        "smollm2-135m", model, SMOLLM2_TARGETS, {"input_ids": ids},
+        "smollm2-135m",
+        model,
+        SMOLLM2_TARGETS,
+        {"input_ids": ids},
         lambda m, b: m(input_ids=b["input_ids"], labels=b["input_ids"]).loss,
     )
 
@@ -83,7 +86,9 @@ def synthetic_workload(batch: int, seq_len: int, d: int = 2048, depth: int = 4) 
     torch.manual_seed(0)
     model = LinearStack(d, depth)
     x = torch.randn(batch, seq_len, d)
-    return Workload(f"linear-stack-d{d}x{depth}", model, SYNTHETIC_TARGETS, {"x": x}, lambda m, b: m(b["x"]).pow(2).mean())
+    return Workload(
+        f"linear-stack-d{d}x{depth}", model, SYNTHETIC_TARGETS, {"x": x}, lambda m, b: m(b["x"]).pow(2).mean()
+    )
 
 
 def configurations(targets: list[str] | str) -> dict[str, Callable[[nn.Module], nn.Module]]:
@@ -98,9 +103,7 @@ def configurations(targets: list[str] | str) -> dict[str, Callable[[nn.Module], 
         "peft miss-bat": lambda m: get_peft_model(m, MissConfig(r=64, init_weights="bat", target_modules=targets)),
         "peft c3a": lambda m: get_peft_model(m, C3AConfig(block_size=BLOCK, target_modules=targets)),
         "slimtune lora": lambda m: st.get_adapted_model(m, st.LoraConfig(r=32, alpha=32, target_modules=targets)),
-        "slimtune lora_sp": lambda m: st.get_adapted_model(
-            m, st.LoraSpConfig(r=32, alpha=32, target_modules=targets)
-        ),
+        "slimtune lora_sp": lambda m: st.get_adapted_model(m, st.LoraSpConfig(r=32, alpha=32, target_modules=targets)),
         "slimtune bone": lambda m: st.get_adapted_model(m, st.DishaConfig(r=64, target_modules=targets)),
         "slimtune bat_col": lambda m: st.get_adapted_model(
             m, st.DishaConfig(r=64, variant="bat_col", target_modules=targets)
@@ -134,7 +137,10 @@ def adapter_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> i
     """Bytes of the trainable parameters' gradients and the optimizer's state (AdamW: two moments)."""
     grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
     state = sum(
-        v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)
+        v.numel() * v.element_size()
+        for s in optimizer.state.values()
+        for v in s.values()
+        if isinstance(v, torch.Tensor)
     )
     return grads + state
 
@@ -163,15 +169,17 @@ def run_workload(work: Workload, rounds: int, warmup: int) -> list[dict[str, obj
         resident = resident_bytes(run["model"], run["optimizer"])
         with TensorMemoryPeak() as tracker:
             run["step"]()
-        rows.append({
-            "config": name,
-            "trainable": sum(p.numel() for p in run["model"].parameters() if p.requires_grad),
-            "step_s": statistics.median(run["times"]),
-            "step_s_all": run["times"],
-            "peak_mb": (resident + tracker.peak) / 2**20,
-            "step_peak_mb": tracker.peak / 2**20,
-            "adapter_state_mb": adapter_state_bytes(run["model"], run["optimizer"]) / 2**20,
-        })
+        rows.append(
+            {
+                "config": name,
+                "trainable": sum(p.numel() for p in run["model"].parameters() if p.requires_grad),
+                "step_s": statistics.median(run["times"]),
+                "step_s_all": run["times"],
+                "peak_mb": (resident + tracker.peak) / 2**20,
+                "step_peak_mb": tracker.peak / 2**20,
+                "adapter_state_mb": adapter_state_bytes(run["model"], run["optimizer"]) / 2**20,
+            }
+        )
     by_name = {row["config"]: row for row in rows}
     for row in rows:
         row["time_vs_peft_lora"] = row["step_s"] / by_name["peft lora"]["step_s"]
@@ -184,8 +192,14 @@ def check_targets(rows: list[dict[str, object]]) -> list[dict[str, object]]:
     checks = []
     for config, reference, metric, bound in TARGETS:
         ratio = by_name[config][metric] / by_name[reference][metric]
-        checks.append({"check": f"{config} / {reference} ({metric})", "ratio": ratio, "bound": bound,
-                       "met": "yes" if ratio <= bound else "NO"})
+        checks.append(
+            {
+                "check": f"{config} / {reference} ({metric})",
+                "ratio": ratio,
+                "bound": bound,
+                "met": "yes" if ratio <= bound else "NO",
+            }
+        )
     return checks
 
 
@@ -209,7 +223,15 @@ def main() -> None:
         checks = check_targets(rows)
         record["workloads"][work.name] = {"rows": rows, "checks": checks}
         print(f"\n## {work.name} (batch {args.batch} x {args.seq_len}, median of {args.rounds} steps)\n")
-        columns = ["config", "trainable", "step_s", "time_vs_peft_lora", "peak_mb", "peak_vs_peft_lora", "adapter_state_mb"]
+        columns = [
+            "config",
+            "trainable",
+            "step_s",
+            "time_vs_peft_lora",
+            "peak_mb",
+            "peak_vs_peft_lora",
+            "adapter_state_mb",
+        ]
         print(format_table(rows, columns))
         print()
         print(format_table(checks, ["check", "ratio", "bound", "met"]))

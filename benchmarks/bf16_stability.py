@@ -62,7 +62,10 @@ def run(model: torch.nn.Module, blocks: torch.Tensor, lr: float, steps: int) -> 
         grad_max.append(largest)
         finite_steps += int(math.isfinite(losses[-1]) and math.isfinite(largest) and weights_finite)
     return {
-        "losses": losses, "grad_max": grad_max, "finite_steps": finite_steps, "seconds": time.perf_counter() - start,
+        "losses": losses,
+        "grad_max": grad_max,
+        "finite_steps": finite_steps,
+        "seconds": time.perf_counter() - start,
         "param_dtypes": sorted({str(p.dtype) for p in params}),
     }
 
@@ -85,11 +88,17 @@ def main() -> None:
         model = st.get_adapted_model(copy.deepcopy(base), config)
         result = run(model, blocks, lr, args.steps)
         results[name] = {"config": config.to_dict(), "lr": lr, **result}
-        rows.append({
-            "method": name, "first loss": result["losses"][0], "last loss": result["losses"][-1],
-            "max abs grad": max(result["grad_max"]), "finite steps": f"{result['finite_steps']}/{args.steps}",
-            "all finite": "yes" if result["finite_steps"] == args.steps else "NO", "s/step": result["seconds"] / args.steps,
-        })
+        rows.append(
+            {
+                "method": name,
+                "first loss": result["losses"][0],
+                "last loss": result["losses"][-1],
+                "max abs grad": max(result["grad_max"]),
+                "finite steps": f"{result['finite_steps']}/{args.steps}",
+                "all finite": "yes" if result["finite_steps"] == args.steps else "NO",
+                "s/step": result["seconds"] / args.steps,
+            }
+        )
         print(format_table(rows[-1:], list(rows[-1])).splitlines()[-1], flush=True)
     settings = {"steps": args.steps, "batch": 1, "seq_len": args.seq_len, "dtype": "bfloat16", "model": "SmolLM2-135M"}
     path = write_record("bf16-stability", {"settings": settings, "results": results})

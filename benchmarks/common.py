@@ -38,7 +38,10 @@ def time_call(fn: Callable[[], None]) -> float:
 def git_hash() -> str | None:
     try:
         return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
             cwd=Path(__file__).parent,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -55,7 +58,11 @@ def write_record(name: str, record: dict[str, Any], out: Path | None = None) -> 
         "benchmark": name,
         "time_utc": datetime.now(timezone.utc).isoformat(),
         "git": git_hash(),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
         **record,
     }

@@ -17,15 +17,15 @@ import argparse
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-import slimtune as st  # noqa: E402
-from common import format_table, write_record  # noqa: E402
-from slimtune.app.compare import CompareRun, compare  # noqa: E402
-from slimtune.app.corpus import lm_blocks  # noqa: E402
-from slimtune.app.models import load_smollm2  # noqa: E402
-from slimtune.training import TrainConfig  # noqa: E402
+import slimtune as st
+from common import format_table, write_record
+from slimtune.app.compare import CompareRun, compare
+from slimtune.app.corpus import lm_blocks
+from slimtune.app.models import load_smollm2
+from slimtune.training import TrainConfig
 
 METHODS = {
     "lora": (st.LoraConfig(r=8, alpha=16.0), (1e-3, 3e-3, 1e-2)),
@@ -46,11 +46,15 @@ def main() -> None:
     model, tokenizer = load_smollm2(dtype=torch.float32)
     train_blocks = lm_blocks(tokenizer, split="train", seq_len=args.seq_len, max_blocks=args.steps * args.batch)
     held_out = lm_blocks(tokenizer, split="validation", seq_len=args.seq_len, max_blocks=args.eval_blocks)
-    runs = [
-        CompareRun(f"{name}_lr{lr:g}", config, lr=lr) for name, (config, lrs) in METHODS.items() for lr in lrs
-    ]
-    config = TrainConfig(steps=args.steps, batch_size=args.batch, warmup=max(1, args.steps // 10), seed=0,
-                         eval_every=max(1, args.steps // 5), progress=False)
+    runs = [CompareRun(f"{name}_lr{lr:g}", config, lr=lr) for name, (config, lrs) in METHODS.items() for lr in lrs]
+    config = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch,
+        warmup=max(1, args.steps // 10),
+        seed=0,
+        eval_every=max(1, args.steps // 5),
+        progress=False,
+    )
     record = compare(model, runs, train_blocks, held_out, config, args.out, model_name="SmolLM2-135M-Instruct")
 
     best = {}
@@ -60,18 +64,25 @@ def main() -> None:
             best[method] = row
     checkpoints = sorted({int(s) for row in best.values() for s in row["eval_losses"]})
     table = [
-        {"method": method, "lr": row["label"].split("_lr")[1], "trainable": row["trainable"],
-         **{f"val@{s}": row["eval_losses"][str(s)] for s in checkpoints}, "train_last5": row["train_loss"]}
+        {
+            "method": method,
+            "lr": row["label"].split("_lr")[1],
+            "trainable": row["trainable"],
+            **{f"val@{s}": row["eval_losses"][str(s)] for s in checkpoints},
+            "train_last5": row["train_loss"],
+        }
         for method, row in best.items()
     ]
-    sweep = [{"run": row["label"], "val_loss": row["eval_loss"], "train_last5": row["train_loss"]} for row in record["rows"]]
+    sweep = [
+        {"run": row["label"], "val_loss": row["eval_loss"], "train_last5": row["train_loss"]} for row in record["rows"]
+    ]
     print(f"\n## base held-out loss {record['base_eval_loss']:.4f}; all runs\n")
     print(format_table(sweep, ["run", "val_loss", "train_last5"]))
     print("\n## best learning rate per method: held-out loss over steps\n")
     print(format_table(table, ["method", "lr", "trainable", *[f"val@{s}" for s in checkpoints], "train_last5"]))
 
     figure, (train_axes, eval_axes) = plt.subplots(1, 2, figsize=(11, 4))
-    for method, row in best.items():
+    for row in best.values():
         (line,) = train_axes.plot(range(1, len(row["losses"]) + 1), row["losses"], label=row["label"])
         evals = sorted((int(s), v) for s, v in row["eval_losses"].items())
         eval_axes.plot(*zip(*evals), "o-", color=line.get_color(), label=row["label"])
@@ -80,7 +91,8 @@ def main() -> None:
     train_axes.legend()
     figure.tight_layout()
     figure.savefig(f"{args.out}/best_curves.png", dpi=120)
-    print(f"\ncurves: {args.out}/best_curves.png; record: {write_record('convergence', {'args': vars(args), 'best': table, 'sweep': sweep})}")
+    record = write_record("convergence", {"args": vars(args), "best": table, "sweep": sweep})
+    print(f"\ncurves: {args.out}/best_curves.png; record: {record}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import contextlib
 import copy
 import math
 import time
-
 from collections.abc import Iterator
 
 import torch
@@ -36,6 +35,7 @@ from transformers import DynamicCache
 
 import slimtune as st
 from common import format_table, time_call, write_record
+from slimtune.app.models import load_smollm2
 from slimtune.linear_attention import (
     LinearAttentionCache,
     LinearAttentionCacheLayer,
@@ -46,10 +46,9 @@ from slimtune.linear_attention import (
     linear_attention_parameters,
     linearize,
 )
-from slimtune.training.recovery import attention_mse, attention_transfer, finetune
 from slimtune.linear_attention.window import WindowState
-from slimtune.app.models import load_smollm2
 from slimtune.training import evaluate_lm, train_lm
+from slimtune.training.recovery import attention_mse, attention_transfer, finetune
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -77,9 +76,14 @@ def filled_state_cache(model: torch.nn.Module, length: int) -> LinearAttentionCa
             kept, sinks = min(length, c.window), min(length, c.sink_tokens)
             state = WindowState(
                 linear=LinearAttentionState(S=torch.randn(1, h, m, d + 1)),
-                k=torch.randn(1, h, kept, d), v=torch.randn(1, h, kept, d), fk=torch.rand(1, h, kept, m),
-                valid=torch.ones(1, kept, dtype=torch.bool), sink_k=torch.randn(1, h, sinks, d),
-                sink_v=torch.randn(1, h, sinks, d), sink_valid=torch.ones(1, sinks, dtype=torch.bool), seen=length,
+                k=torch.randn(1, h, kept, d),
+                v=torch.randn(1, h, kept, d),
+                fk=torch.rand(1, h, kept, m),
+                valid=torch.ones(1, kept, dtype=torch.bool),
+                sink_k=torch.randn(1, h, sinks, d),
+                sink_v=torch.randn(1, h, sinks, d),
+                sink_valid=torch.ones(1, sinks, dtype=torch.bool),
+                seen=length,
             )
         else:
             z = torch.rand(1, h, m) if c.normalize else None
@@ -128,8 +132,18 @@ def speed(args: argparse.Namespace, config: LinearizeConfig) -> dict:
         row["memory_ratio"] = row["kv_cache_mib"] / row["state_mib"]
         rows.append(row)
         print(row, flush=True)
-    columns = ["T", "sdpa_prefill_s", "linear_prefill_s", "prefill_ratio", "sdpa_decode_ms", "linear_decode_ms",
-               "decode_ratio", "kv_cache_mib", "state_mib", "memory_ratio"]
+    columns = [
+        "T",
+        "sdpa_prefill_s",
+        "linear_prefill_s",
+        "prefill_ratio",
+        "sdpa_decode_ms",
+        "linear_decode_ms",
+        "decode_ratio",
+        "kv_cache_mib",
+        "state_mib",
+        "memory_ratio",
+    ]
     threads = torch.get_num_threads()
     print(f"\n## SmolLM2-135M, fp32, batch 1, {threads} thread(s): SDPA / linear (ratio > 1: linear wins)\n")
     print(format_table(rows, columns))
@@ -146,8 +160,14 @@ def quality(args: argparse.Namespace, config: LinearizeConfig) -> dict:
 
     def row(stage: str, model: torch.nn.Module, tokens: int, seconds: float, **extra: object) -> dict:
         loss = evaluate_lm(model, held_out)
-        result = {"stage": stage, "held_out_ppl": math.exp(loss), "held_out_loss": loss, "train_tokens": tokens,
-                  "seconds": seconds, **extra}
+        result = {
+            "stage": stage,
+            "held_out_ppl": math.exp(loss),
+            "held_out_loss": loss,
+            "train_tokens": tokens,
+            "seconds": seconds,
+            **extra,
+        }
         print(result, flush=True)
         return result
 
@@ -156,38 +176,110 @@ def quality(args: argparse.Namespace, config: LinearizeConfig) -> dict:
     if args.reference_finetune:
         torch.manual_seed(0)
         reference = st.get_adapted_model(copy.deepcopy(base), adapter)
-        tuned = train_lm(reference, train, steps=args.finetune_steps, batch_size=args.batch, lr=args.finetune_lr,
-                         warmup=max(1, args.finetune_steps // 10), desc="reference LM fine-tuning")
-        rows.append(row(f"reference: original + the same LM fine-tuning (LoRA r={args.lora_r})", reference,
-                        tuned.tokens, tuned.seconds, lr=args.finetune_lr))
+        tuned = train_lm(
+            reference,
+            train,
+            steps=args.finetune_steps,
+            batch_size=args.batch,
+            lr=args.finetune_lr,
+            warmup=max(1, args.finetune_steps // 10),
+            desc="reference LM fine-tuning",
+        )
+        rows.append(
+            row(
+                f"reference: original + the same LM fine-tuning (LoRA r={args.lora_r})",
+                reference,
+                tuned.tokens,
+                tuned.seconds,
+                lr=args.finetune_lr,
+            )
+        )
         del reference
     start = time.perf_counter()
     model = linearize(base, config)
-    rows.append(row("converted, untrained", model, 0, time.perf_counter() - start,
-                    attention_mse=sum(attention_mse(model, held_out[:4]))))
+    rows.append(
+        row(
+            "converted, untrained",
+            model,
+            0,
+            time.perf_counter() - start,
+            attention_mse=sum(attention_mse(model, held_out[:4])),
+        )
+    )
     if config.window:
         with linear_part_off(model):
-            rows.append(row(f"ablation: softmax window {config.window} + {config.sink_tokens} sinks only", model, 0,
-                            0.0, attention_mse=sum(attention_mse(model, held_out[:4]))))
+            rows.append(
+                row(
+                    f"ablation: softmax window {config.window} + {config.sink_tokens} sinks only",
+                    model,
+                    0,
+                    0.0,
+                    attention_mse=sum(attention_mse(model, held_out[:4])),
+                )
+            )
     if args.window_only:  # ablation: no linear part at all, only the adapter learns
         with linear_part_off(model):
-            model, tuned = finetune(model, train, steps=args.finetune_steps, batch_size=args.batch,
-                                    lr=args.finetune_lr, adapter=adapter, train_linear_attention=False,
-                                    warmup=max(1, args.finetune_steps // 10))
-            rows.append(row(f"window + sinks only, + LM fine-tuning (LoRA r={args.lora_r})", model, tuned.tokens,
-                            tuned.seconds, trainable=st.parameter_counts(model).trainable, lr=args.finetune_lr))
+            model, tuned = finetune(
+                model,
+                train,
+                steps=args.finetune_steps,
+                batch_size=args.batch,
+                lr=args.finetune_lr,
+                adapter=adapter,
+                train_linear_attention=False,
+                warmup=max(1, args.finetune_steps // 10),
+            )
+            rows.append(
+                row(
+                    f"window + sinks only, + LM fine-tuning (LoRA r={args.lora_r})",
+                    model,
+                    tuned.tokens,
+                    tuned.seconds,
+                    trainable=st.parameter_counts(model).trainable,
+                    lr=args.finetune_lr,
+                )
+            )
         transfer_losses = []
     else:
         torch.manual_seed(0)
-        transfer = attention_transfer(model, train, steps=args.transfer_steps, batch_size=args.batch,
-                                      lr=args.transfer_lr, warmup=max(1, args.transfer_steps // 10))
-        rows.append(row("+ attention transfer", model, transfer.tokens, transfer.seconds,
-                        attention_mse=sum(attention_mse(model, held_out[:4])), lr=args.transfer_lr))
+        transfer = attention_transfer(
+            model,
+            train,
+            steps=args.transfer_steps,
+            batch_size=args.batch,
+            lr=args.transfer_lr,
+            warmup=max(1, args.transfer_steps // 10),
+        )
+        rows.append(
+            row(
+                "+ attention transfer",
+                model,
+                transfer.tokens,
+                transfer.seconds,
+                attention_mse=sum(attention_mse(model, held_out[:4])),
+                lr=args.transfer_lr,
+            )
+        )
         transfer_losses = transfer.losses
-        model, tuned = finetune(model, train, steps=args.finetune_steps, batch_size=args.batch, lr=args.finetune_lr,
-                                adapter=adapter, warmup=max(1, args.finetune_steps // 10))
-        rows.append(row(f"+ LM fine-tuning (LoRA r={args.lora_r} + linear attention)", model, tuned.tokens,
-                        tuned.seconds, trainable=st.parameter_counts(model).trainable, lr=args.finetune_lr))
+        model, tuned = finetune(
+            model,
+            train,
+            steps=args.finetune_steps,
+            batch_size=args.batch,
+            lr=args.finetune_lr,
+            adapter=adapter,
+            warmup=max(1, args.finetune_steps // 10),
+        )
+        rows.append(
+            row(
+                f"+ LM fine-tuning (LoRA r={args.lora_r} + linear attention)",
+                model,
+                tuned.tokens,
+                tuned.seconds,
+                trainable=st.parameter_counts(model).trainable,
+                lr=args.finetune_lr,
+            )
+        )
     columns = ["stage", "held_out_ppl", "attention_mse", "train_tokens", "seconds", "trainable"]
     held = f"held-out {len(held_out)} x {args.seq_len} tokens"
     hybrid = f", softmax window {config.window} + {config.sink_tokens} sinks" if config.window else ""
@@ -225,10 +317,16 @@ def main() -> None:
     parser.add_argument("--transfer-lr", type=float, default=5e-2)
     parser.add_argument("--finetune-lr", type=float, default=2e-3)
     parser.add_argument("--lora-r", type=int, default=8)
-    parser.add_argument("--window-only", action="store_true",
-                        help="ablation: the linear part off for the whole run (needs --window); no attention transfer")
-    parser.add_argument("--reference-finetune", action="store_true",
-                        help="also LM-fine-tune the original softmax model the same way, for reference")
+    parser.add_argument(
+        "--window-only",
+        action="store_true",
+        help="ablation: the linear part off for the whole run (needs --window); no attention transfer",
+    )
+    parser.add_argument(
+        "--reference-finetune",
+        action="store_true",
+        help="also LM-fine-tune the original softmax model the same way, for reference",
+    )
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--eval-blocks", type=int, default=16)

@@ -57,20 +57,33 @@ def main() -> None:
     train = lm_blocks(tokenizer, split="train", seq_len=args.seq_len, max_blocks=args.steps * args.batch)
     held_out = lm_blocks(tokenizer, split="validation", seq_len=args.seq_len, max_blocks=args.eval_blocks)
     start_loss = evaluate_lm(base, held_out)
-    rows = [{"config": "pretrained (no training)", "trainable": 0, "held_out_loss": start_loss,
-             "held_out_ppl": math.exp(start_loss)}]
+    rows = [
+        {
+            "config": "pretrained (no training)",
+            "trainable": 0,
+            "held_out_loss": start_loss,
+            "held_out_ppl": math.exp(start_loss),
+        }
+    ]
     for name, (config, lr) in presets()[args.preset].items():
         torch.manual_seed(0)
         model = st.get_adapted_model(copy.deepcopy(base), config)
-        result = train_lm(model, train, steps=args.steps, batch_size=args.batch, lr=lr,
-                          warmup=max(1, args.steps // 10), desc=name)
+        result = train_lm(
+            model, train, steps=args.steps, batch_size=args.batch, lr=lr, warmup=max(1, args.steps // 10), desc=name
+        )
         loss = evaluate_lm(model, held_out)
-        rows.append({
-            "config": name, "lr": f"{lr:g}", "trainable": st.parameter_counts(model).trainable,
-            "final_train_loss": sum(result.losses[-5:]) / len(result.losses[-5:]),
-            "held_out_loss": loss, "held_out_ppl": math.exp(loss), "seconds": result.seconds,
-            "train_losses": result.losses,
-        })
+        rows.append(
+            {
+                "config": name,
+                "lr": f"{lr:g}",
+                "trainable": st.parameter_counts(model).trainable,
+                "final_train_loss": sum(result.losses[-5:]) / len(result.losses[-5:]),
+                "held_out_loss": loss,
+                "held_out_ppl": math.exp(loss),
+                "seconds": result.seconds,
+                "train_losses": result.losses,
+            }
+        )
     columns = ["config", "lr", "trainable", "final_train_loss", "held_out_loss", "held_out_ppl", "seconds"]
     print(f"\n## {args.preset}: SmolLM2-135M, BBC News, {args.steps} steps x {args.batch} x {args.seq_len} tokens\n")
     print(format_table(rows, columns))

@@ -1,23 +1,29 @@
-"""The method matrix and tiny models shared by the tests.
+"""The method matrix, tiny models and the slow references shared by the tests.
 
 Every method and variant appears once in ``CASES``; the shared tests in ``test_adapter_matrix.py`` run each
 through the same checks. Layer sizes are not powers of two, and ``bone_padded`` has r not dividing d_in.
+
+The references (``reference_delta``, ``reference_merged``, ``reference_output``) compute each case from its
+paper's definition, apart from slimtune's code: explicit loops, einsum, ``scipy.linalg`` and ``torch.kron`` over
+the adapter's parameters, read by the names its saved files use. They are differentiable, for gradient checks.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import math
+import operator
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+import scipy.linalg
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import slimtune as st
-from slimtune.adapters.disha import BatColAdapter, BatRowAdapter, BoneAdapter, MiniAdapter
-from slimtune.adapters.lora import LoraAdapter
-from slimtune.adapters.lora_sp import LoraSpAdapter
-from slimtune.adapters.surm import SurmAdapter, SurmOutputAdapter
-from slimtune.functional import disha as F_disha
 
 OUTPUT_LAYERS = r".*(fc\d|o_proj|down_proj|c_proj)"  # MLP, Llama and GPT-2 layers whose output is adapted
 
@@ -69,8 +75,14 @@ def tiny_llama(seed: int = 0) -> nn.Module:
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=101, hidden_size=48, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+        vocab_size=101,
+        hidden_size=48,
+        intermediate_size=72,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -133,47 +145,73 @@ def randomize_adapters(model: nn.Module, seed: int = 2, scale: float = 0.1) -> N
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
 
 
-def reference_delta(adapter: st.Adapter, weight: torch.Tensor) -> torch.Tensor:
-    """ΔW by each method's slow, index-by-index definition (independent of the code under test's fast forms)."""
-    if isinstance(adapter, LoraSpAdapter):
-        a = scatter_reference(adapter.lora_A_frozen, adapter.lora_A_mask, adapter.lora_A_values)
-        b = scatter_reference(torch.zeros_like(adapter.lora_B_mask, dtype=a.dtype), adapter.lora_B_mask, adapter.lora_B_values)
-        return adapter.scaling * b.to(weight.dtype) @ a.to(weight.dtype)
-    if isinstance(adapter, LoraAdapter):
-        return adapter.scaling * adapter.lora_B.to(weight.dtype) @ adapter.lora_A.to(weight.dtype)
-    if isinstance(adapter, SurmAdapter):
-        return adapter.operator.dense(weight.dtype)
-    block = adapter.block.to(weight.dtype)
-    if isinstance(adapter, BoneAdapter):
-        return F_disha.bone_delta_reference(block, adapter.d_in)
-    if isinstance(adapter, MiniAdapter):
-        return F_disha.mini_delta_reference(block, adapter.d_in, adapter.d_out)
-    if isinstance(adapter, BatColAdapter):
-        return F_disha.bat_col_delta_reference(weight, block)
-    if isinstance(adapter, BatRowAdapter):
-        return F_disha.bat_row_delta_reference(weight, block)
-    raise AssertionError(f"no reference for {type(adapter).__name__}")
+def tensor(adapter: nn.Module, name: str) -> torch.Tensor:
+    """The adapter's tensor called ``name`` (e.g. ``"operator.c_a"``), whatever tensor sits there now."""
+    return operator.attrgetter(name)(adapter)
+
+
+def reference_delta(config: st.AdapterConfig, adapter: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """ΔW (d_out, d_in) of ``adapter`` (built from ``config``) on base weight ``weight`` (d_out, d_in), its dtype."""
+    dtype = weight.dtype
+    if isinstance(config, st.LoraConfig):
+        a, b = lora_factors(config, adapter)
+        scale = config.alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+        return scale * torch.einsum("ok,ki->oi", b.to(dtype), a.to(dtype))  # s·Σ_k B[o, k]·A[k, i]
+    if isinstance(config, st.SurmAdapterConfig):
+        return structured_reference(config, adapter, dtype) @ weight
+    if isinstance(config, st.SurmConfig):
+        return structured_reference(config, adapter, dtype)
+    if isinstance(config, st.DishaConfig):
+        block = tensor(adapter, "block").to(dtype)
+        d_out, d_in = weight.shape
+        if config.variant == "bone":
+            return bone_delta_reference(block, d_in)
+        if config.variant == "mini":
+            return mini_delta_reference(block, d_in, d_out)
+        return bat_delta_reference(weight, block, config.variant)
+    raise AssertionError(f"no reference for {type(config).__name__}")
 
 
 def reference_merged(
-    adapter: st.Adapter, weight: torch.Tensor, bias: torch.Tensor | None
+    config: st.AdapterConfig, adapter: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(W', b') of the layer with ``adapter`` merged, from the slow references (affine adapters only)."""
-    if isinstance(adapter, SurmOutputAdapter):
-        m = adapter.operator.dense(weight.dtype)
+    """(W', b') of the layer with ``adapter`` merged, from the references (affine adapters only)."""
+    if isinstance(config, st.SurmAdapterConfig):  # out = (I + M) h + bias
+        m = structured_reference(config, adapter, weight.dtype)
         base_bias = torch.zeros(weight.shape[0], dtype=weight.dtype) if bias is None else bias
-        extra = 0 if adapter.bias is None else adapter.bias.to(weight.dtype)
+        extra = tensor(adapter, "bias").to(weight.dtype) if config.bias else 0
         return weight + m @ weight, base_bias + m @ base_bias + extra
-    return weight + reference_delta(adapter, weight), bias
+    return weight + reference_delta(config, adapter, weight), bias
 
 
-def reference_output(adapter: st.Adapter, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The adapted layer's output from the slow references: (..., d_in) → (..., d_out)."""
-    if isinstance(adapter, SurmOutputAdapter):
-        h = torch.nn.functional.linear(x, weight, bias)
-        out = h + adapter.activation(h @ adapter.operator.dense(x.dtype).t())
-        return out if adapter.bias is None else out + adapter.bias.to(x.dtype)
-    return torch.nn.functional.linear(x, *reference_merged(adapter, weight, bias))
+REFERENCE_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "identity": lambda v: v,
+    "relu": torch.relu,
+    "gelu": F.gelu,
+    "silu": F.silu,
+}
+
+
+def reference_output(
+    config: st.AdapterConfig, adapter: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """The adapted layer's output from the references: (..., d_in) → (..., d_out)."""
+    if isinstance(config, st.SurmAdapterConfig):  # out = h + act(α·M h) + bias
+        h = F.linear(x, weight, bias)
+        m = structured_reference(config, adapter, x.dtype)
+        out = h + REFERENCE_ACTIVATIONS[config.activation](torch.einsum("rs,...s->...r", m, h))
+        return out + tensor(adapter, "bias").to(x.dtype) if config.bias else out
+    return F.linear(x, *reference_merged(config, adapter, weight, bias))
+
+
+def lora_factors(config: st.LoraConfig, adapter: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A (r, d_in), B (d_out, r)); LoRA-SP's from its masks, trainable values and frozen initial A."""
+    if not isinstance(config, st.LoraSpConfig):
+        return tensor(adapter, "lora_A"), tensor(adapter, "lora_B")
+    values_a, values_b = tensor(adapter, "lora_A_values"), tensor(adapter, "lora_B_values")
+    mask_a, mask_b = tensor(adapter, "lora_A_mask"), tensor(adapter, "lora_B_mask")
+    a = scatter_reference(tensor(adapter, "lora_A_frozen"), mask_a, values_a)
+    return a, scatter_reference(torch.zeros(mask_b.shape, dtype=values_b.dtype), mask_b, values_b)
 
 
 def scatter_reference(frozen: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -186,6 +224,95 @@ def scatter_reference(frozen: torch.Tensor, mask: torch.Tensor, values: torch.Te
         else:
             entries.append(frozen.flatten()[position].to(values.dtype))
     return torch.stack(entries).view(mask.shape)
+
+
+def bone_delta_reference(m: torch.Tensor, d_in: int) -> torch.Tensor:
+    """Bone ΔW[o, i] = M[i mod r, o], column by column: m (r, d_out) → (d_out, d_in)."""
+    return torch.stack([m[i % m.shape[0]] for i in range(d_in)], dim=1)
+
+
+def mini_delta_reference(m: torch.Tensor, d_in: int, d_out: int) -> torch.Tensor:
+    """mini ΔW[o, i] = m[i mod r, o mod mini_r] through index tables: m (r, mini_r) → (d_out, d_in)."""
+    r, mini_r = m.shape
+    rows = torch.tensor([[i % r for i in range(d_in)] for _ in range(d_out)])
+    cols = torch.tensor([[o % mini_r for _ in range(d_in)] for o in range(d_out)])
+    return m[rows, cols]
+
+
+def bat_delta_reference(weight: torch.Tensor, b: torch.Tensor, variant: str) -> torch.Tensor:
+    """Bat ΔW_ij = W_ij·B_k + B_k block by block, k = i (``bat_col``) or j (``bat_row``): → (d_out, d_in)."""
+    r = b.shape[-1]
+
+    def block(i: int, j: int) -> torch.Tensor:
+        k = i if variant == "bat_col" else j
+        return weight[i * r : (i + 1) * r, j * r : (j + 1) * r] @ b[k] + b[k]
+
+    return block_grid(block, weight.shape[0] // r, weight.shape[1] // r)
+
+
+def block_grid(block: Callable[[int, int], torch.Tensor], p: int, q: int) -> torch.Tensor:
+    """The matrix with block (i, j) = block(i, j) for a p × q grid of equal blocks."""
+    return torch.cat([torch.cat([block(i, j) for j in range(q)], dim=1) for i in range(p)], dim=0)
+
+
+def general_toeplitz(t: np.ndarray) -> np.ndarray:
+    """T(t)[r, s] = t[r − s + b − 1] for t of length 2b − 1: first column t[b−1:], first row t[b−1], …, t[0]."""
+    b = (len(t) + 1) // 2
+    return scipy.linalg.toeplitz(t[b - 1 :], t[b - 1 :: -1])
+
+
+def circulant_by_loops(c: np.ndarray) -> np.ndarray:
+    """Circ(c)[r, s] = c[(r − s) mod b]."""
+    b = len(c)
+    return np.array([[c[(r - s) % b] for s in range(b)] for r in range(b)])
+
+
+def skew_circulant_by_loops(h: np.ndarray) -> np.ndarray:
+    """SkewCirc(h)[r, s] = h[r − s] if r ≥ s else −h[r − s + b]."""
+    b = len(h)
+    return np.array([[h[r - s] if r >= s else -h[r - s + b] for s in range(b)] for r in range(b)])
+
+
+@functools.cache
+def _basis(build: Callable[[np.ndarray], np.ndarray], n: int) -> np.ndarray:
+    return np.stack([build(e) for e in np.eye(n)])  # (n, b, b): build(e_k)
+
+
+def linear_matrix(values: torch.Tensor, build: Callable[[np.ndarray], np.ndarray]) -> torch.Tensor:
+    """build(values) for a ``build`` linear in its argument, differentiably: Σ_k values[k]·build(e_k)."""
+    basis = torch.from_numpy(_basis(build, values.shape[-1])).to(values.dtype)
+    return torch.einsum("k,krs->rs", values, basis)
+
+
+STRUCTURE_BLOCKS: dict[str, tuple[tuple[str, ...], Callable[..., torch.Tensor]]] = {
+    "circulant": (("c_a", "c_b"), lambda a, b: linear_matrix(b * a, scipy.linalg.circulant)),
+    "toeplitz": (("t",), lambda t: linear_matrix(t, general_toeplitz)),
+    "toeplitz_symmetric": (("t",), lambda t: linear_matrix(t, scipy.linalg.toeplitz)),
+    "toeplitz_product": (
+        ("u", "w"),
+        lambda u, w: linear_matrix(u, scipy.linalg.toeplitz) @ linear_matrix(w, scipy.linalg.toeplitz),
+    ),
+    "ldr": (("c", "h"), lambda c, h: sum(ldr_term(c_k, h_k) for c_k, h_k in zip(c, h))),  # Σ over K
+}
+
+
+def ldr_term(c: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Circ(c)·SkewCirc(h) for c, h (b,), both by loops over the definitions."""
+    return linear_matrix(c, circulant_by_loops) @ linear_matrix(h, skew_circulant_by_loops)
+
+
+def structured_reference(config: st.SurmConfig, adapter: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """SURM's M (d_out, d_in), scale included: kron(B, A)·α/r, or the grid of per-block structured matrices·α."""
+
+    def param(name: str) -> torch.Tensor:
+        return tensor(adapter, f"operator.{name}").to(dtype)
+
+    if config.structure == "kronecker":
+        return config.alpha / config.r * torch.kron(param("kron_b"), param("kron_a"))
+    names, block = STRUCTURE_BLOCKS[config.structure]
+    params = [param(name) for name in names]  # each (p, q, ...)
+    p, q = params[0].shape[:2]
+    return config.alpha * block_grid(lambda i, j: block(*(t[i, j] for t in params)), p, q)
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -22,9 +22,9 @@ from accelerate import PartialState
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import slimtune as st  # noqa: E402
-from cases import tiny_llama  # noqa: E402
-from slimtune.training import TrainConfig, TrainResult, train  # noqa: E402
+import slimtune as st
+from cases import tiny_llama
+from slimtune.training import TrainConfig, TrainResult, train
 
 
 def token_blocks(n: int, seed: int) -> torch.Tensor:
@@ -62,8 +62,17 @@ def run_training(
     """The run this script makes (a LoRA-adapted tiny Llama on 24 blocks [24, 16]); returns the model and result."""
     model = st.get_adapted_model(tiny_llama(), st.LoraConfig(r=4, alpha=8.0, dropout=dropout))
     config = TrainConfig(
-        steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=1e-2, warmup=2, seed=3, eval_every=4,
-        output_dir=str(output_dir), checkpoint_every=checkpoint_every, resume=resume, progress=False,
+        steps=steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=1e-2,
+        warmup=2,
+        seed=3,
+        eval_every=4,
+        output_dir=str(output_dir),
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        progress=False,
     )
     return model, train(model, token_blocks(24, seed=1), config, token_blocks(6, seed=2), on_step)
 
@@ -89,8 +98,14 @@ def main() -> None:
             time.sleep(600)
 
     model, result = run_training(
-        args.output_dir, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        dropout=args.dropout, checkpoint_every=args.checkpoint_every, resume=args.resume, on_step=on_step,
+        args.output_dir,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        dropout=args.dropout,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        on_step=on_step,
     )
     state = PartialState()
     if not state.is_main_process:
@@ -99,8 +114,12 @@ def main() -> None:
         trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         safetensors.torch.save_file(trainable, args.weights)
     if args.report:
-        report = {"num_processes": state.num_processes, "start_step": result.start_step, "losses": result.losses,
-                  "eval_losses": result.eval_losses}
+        report = {
+            "num_processes": state.num_processes,
+            "start_step": result.start_step,
+            "losses": result.losses,
+            "eval_losses": result.eval_losses,
+        }
         Path(args.report).write_text(json.dumps(report))
 
 

@@ -18,6 +18,7 @@ from slimtune.errors import (
     SlimtuneError,
     TargetModulesError,
 )
+from slimtune.export import export_peft
 from slimtune.inject import (
     ParameterCounts,
     active_adapters,
@@ -33,7 +34,6 @@ from slimtune.inject import (
     unload,
     unmerge_adapters,
 )
-from slimtune.export import export_peft
 from slimtune.registry import METHODS, config_from_dict
 from slimtune.serialization import load_adapter, save_adapter
 

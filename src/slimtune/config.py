@@ -12,9 +12,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from slimtune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from slimtune.adapters.base import Adapter
 
 ALL_LINEAR = "all-linear"
 
@@ -49,8 +54,10 @@ def check_number(
     ok = ok and (above is None or value > above) and (at_least is None or value >= at_least)
     ok = ok and (below is None or value < below)
     if not ok:
-        raise ConfigError(f"{field}={value!r} is not allowed: expected {_range_words(above, at_least, below)}"
-                          + (" or None" if optional else ""))
+        raise ConfigError(
+            f"{field}={value!r} is not allowed: expected {_range_words(above, at_least, below)}"
+            + (" or None" if optional else "")
+        )
 
 
 def _range_words(above: float | None, at_least: float | None, below: float | None) -> str:
@@ -121,6 +128,15 @@ class AdapterConfig(DictConfig):
         check_int("r", self.r)
         check_number("dropout", self.dropout, at_least=0.0, below=1.0)
         self._check_target_modules()
+
+    @property
+    def adapter_class(self) -> type[Adapter]:
+        """The class of this config's adapters (its capabilities are class attributes)."""
+        raise NotImplementedError(f"{type(self).__name__} names no adapter class")
+
+    def build_adapter(self, base_layer: nn.Module, module_name: str) -> Adapter:
+        """This method's adapter on ``base_layer`` (``module_name`` names it in errors)."""
+        return self.adapter_class(self, base_layer, module_name)
 
     def _check_target_modules(self) -> None:
         targets = self.target_modules

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import cast
 
 import safetensors.torch
+import torch
 from torch import nn
 
-from slimtune.adapters.base import conv1d_class
+from slimtune.adapters.base import Adapter, conv1d_class
 from slimtune.adapters.lora import LoraConfig
 from slimtune.errors import AdapterNameError, ConfigError
 from slimtune.fileio import atomic_write, atomic_write_json
@@ -38,12 +40,14 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, adapter_name: st
             f"method={config.method!r} has no PEFT LoRA equivalent: export --format peft is allowed for "
             "'lora' and 'lora_sp'"
         )
-    tensors, modules, fan_in_fan_out = {}, [], False
+    tensors: dict[str, torch.Tensor] = {}
+    modules: list[str] = []
+    fan_in_fan_out = False
     conv1d = conv1d_class()
     for name, layer in adapted_layers(model):
         if adapter_name not in layer.adapters:
             continue
-        saved = layer.adapters[adapter_name].saved_tensors()
+        saved = cast(Adapter, layer.adapters[adapter_name]).saved_tensors()
         tensors[f"base_model.model.{name}.lora_A.weight"] = saved["lora_A"].cpu().contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = saved["lora_B"].cpu().contiguous()
         modules.append(name)

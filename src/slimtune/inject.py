@@ -19,6 +19,8 @@ from slimtune.config import ALL_LINEAR, AdapterConfig
 from slimtune.errors import AdapterNameError, ConfigError, TargetModulesError
 
 logger = logging.getLogger("slimtune")
+CONFIGS_ATTRIBUTE = "slimtune_configs"  # on the model: adapter name -> config
+ACTIVE_ATTRIBUTE = "slimtune_active"  # on the model: the active adapter names, in order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +33,8 @@ class ParameterCounts:
         return self.trainable / self.total if self.total else 0.0
 
     def __str__(self) -> str:
-        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {100 * self.fraction:.4f}"
+        share = f"{100 * self.fraction:.4f}"
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {share}"
 
 
 def get_adapted_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> nn.Module:
@@ -82,7 +85,7 @@ def inject_adapter(
             replace_module(model, name, layer)
         layer.add_adapter(adapter_name, adapter)
     configs[adapter_name] = config
-    model.slimtune_configs = configs
+    setattr(model, CONFIGS_ATTRIBUTE, configs)
     for param in model.parameters():
         param.requires_grad_(False)
     set_adapter(model, adapter_name)
@@ -97,7 +100,7 @@ def check_adapter_name(name: object) -> None:
 
 def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
     """The model's adapters, name → config (empty for a model without adapters)."""
-    return dict(getattr(model, "slimtune_configs", {}))
+    return dict(getattr(model, CONFIGS_ATTRIBUTE, {}))
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
@@ -109,7 +112,8 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
 
 def find_target_modules(model: nn.Module, targets: list[str] | str) -> list[str]:
     """Names of the modules that ``targets`` selects (see :class:`~slimtune.config.AdapterConfig`)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output_embeddings = getattr(model, "get_output_embeddings", None)
+    head = output_embeddings() if callable(output_embeddings) else None
     adapted_prefixes = tuple(f"{name}." for name, _ in adapted_layers(model))
     candidates = [
         (name, module)
@@ -136,7 +140,9 @@ def find_target_modules(model: nn.Module, targets: list[str] | str) -> list[str]
         if hit:
             matched.append(name)
     if not matched:
-        linear_names = [name for name, module in candidates if is_supported_base(module) or isinstance(module, AdaptedLayer)]
+        linear_names = [
+            name for name, module in candidates if is_supported_base(module) or isinstance(module, AdaptedLayer)
+        ]
         suffixes = sorted({name.rsplit(".", 1)[-1] for name in linear_names})
         raise TargetModulesError(
             f"target_modules={targets!r} matched no adaptable module of {type(model).__name__}: allowed are names "
@@ -161,7 +167,7 @@ def set_adapter(model: nn.Module, adapter_names: str | list[str]) -> None:
     layers = [layer for _, layer in adapted_layers(model)]
     for layer in layers:
         layer.checked_active(names)  # every layer accepts the order before any changes
-    model.slimtune_active = names
+    setattr(model, ACTIVE_ATTRIBUTE, names)
     for layer in layers:
         layer.set_active(names)
         for name, adapter in layer.adapters.items():
@@ -169,7 +175,7 @@ def set_adapter(model: nn.Module, adapter_names: str | list[str]) -> None:
 
 
 def active_adapters(model: nn.Module) -> list[str]:
-    return list(getattr(model, "slimtune_active", []))
+    return list(getattr(model, ACTIVE_ATTRIBUTE, []))
 
 
 @contextlib.contextmanager
@@ -199,8 +205,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         if not layer.adapters:
             replace_module(model, name, layer.base_layer)
     del configs[adapter_name]
-    model.slimtune_configs = configs
-    model.slimtune_active = [n for n in active_adapters(model) if n != adapter_name]
+    setattr(model, CONFIGS_ATTRIBUTE, configs)
+    setattr(model, ACTIVE_ATTRIBUTE, [n for n in active_adapters(model) if n != adapter_name])
 
 
 def merge_adapters(model: nn.Module, adapter_names: list[str] | None = None) -> None:
@@ -235,7 +241,7 @@ def unload(model: nn.Module) -> nn.Module:
 def _unwrap(model: nn.Module) -> nn.Module:
     for name, layer in list(adapted_layers(model)):
         replace_module(model, name, layer.base_layer)
-    for attr in ("slimtune_configs", "slimtune_active"):
+    for attr in (CONFIGS_ATTRIBUTE, ACTIVE_ATTRIBUTE):
         if hasattr(model, attr):
             delattr(model, attr)
     return model

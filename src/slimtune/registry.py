@@ -1,4 +1,5 @@
-"""Method name → config class. A config builds its own adapters (``config.build_adapter(layer, name)``)."""
+"""Method name → config class. A config names its adapter class (``config.adapter_class``) and builds its adapters
+(``config.build_adapter(layer, name)``)."""
 
 from __future__ import annotations
 

@@ -4,30 +4,30 @@ Tensors are stored under ``<module name>.<parameter name>`` (e.g. ``model.layers
 independent of the adapter's name, so an adapter can be loaded under any name. The JSON records the slimtune
 version, the config, the base model's class and every adapted module's (d_in, d_out), so that loading into
 another model fails with a message naming the module and both shapes. Only safetensors is read: no pickle.
+The version, the JSON and safetensors readers and the check of tensor names and shapes are the shared ones of
+:mod:`slimtune.file_format`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import safetensors.torch
 import torch
-from safetensors import SafetensorError
 from torch import nn
 
 from slimtune import __version__
 from slimtune.adapters.base import AdaptedLayer, Adapter, base_features, is_supported_base
 from slimtune.errors import AdapterFileError, AdapterNameError, SlimtuneError
+from slimtune.file_format import ADAPTER_FORMAT, check_tensors_fit, read_record, read_tensors
 from slimtune.fileio import atomic_write, atomic_write_json
 from slimtune.inject import adapted_layers, adapter_configs, inject_adapter
 from slimtune.registry import config_from_dict
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
-FORMAT_VERSION = 1
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
@@ -41,12 +41,13 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         if adapter_name not in layer.adapters:
             continue
         modules[name] = {"d_in": layer.d_in, "d_out": layer.d_out}
-        for tensor_name, tensor in layer.adapters[adapter_name].saved_tensors().items():
+        adapter = cast(Adapter, layer.adapters[adapter_name])
+        for tensor_name, tensor in adapter.saved_tensors().items():
             tensors[f"{name}.{tensor_name}"] = tensor.cpu().contiguous()
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
     metadata = {
         "slimtune_version": __version__,
-        "format_version": FORMAT_VERSION,
+        "format_version": ADAPTER_FORMAT.version,
         "config": configs[adapter_name].to_dict(),
         "base_model": {"class": type(model).__name__, "name_or_path": name_or_path or None},
         "modules": modules,
@@ -71,7 +72,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     metadata = read_metadata(directory)
     modules: dict[str, dict[str, int]] = metadata["modules"]
     check_modules_fit(model, modules, metadata["base_model"].get("class"), directory)
-    tensors = read_tensors(directory / WEIGHTS_NAME)
+    tensors = read_tensors(directory / WEIGHTS_NAME, ADAPTER_FORMAT)
     try:
         config = config_from_dict(metadata["config"])
     except SlimtuneError as err:
@@ -82,27 +83,18 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
 
 
 def read_metadata(directory: Path) -> dict[str, Any]:
+    """The checked ``adapter_config.json`` of ``directory``: its fields, format_version, and the types of
+    ``modules`` ({module name: {"d_in": int, "d_out": int}}, not empty), ``config`` and ``base_model`` (objects)."""
     path = directory / CONFIG_NAME
-    if not path.is_file():
-        raise AdapterFileError(f"{path} does not exist: expected a folder written by slimtune.save_adapter")
-    try:
-        metadata = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterFileError(f"{path} is not valid JSON ({err})") from None
-    required = ("slimtune_version", "format_version", "config", "base_model", "modules")
-    missing = [key for key in required if not isinstance(metadata, dict) or key not in metadata]
-    if missing:
-        raise AdapterFileError(f"{path} lacks the field(s) {missing}; a slimtune adapter config has {list(required)}")
-    if not isinstance(metadata["format_version"], int) or metadata["format_version"] > FORMAT_VERSION:
-        raise AdapterFileError(
-            f"{path} has format_version={metadata['format_version']!r} (written by slimtune "
-            f"{metadata['slimtune_version']}); this slimtune {__version__} reads format_version <= {FORMAT_VERSION}: "
-            "upgrade slimtune"
-        )
+    metadata = read_record(path, ADAPTER_FORMAT, ("slimtune_version", "config", "base_model", "modules"))
     modules, base_model = metadata["modules"], metadata["base_model"]
-    shapes_ok = isinstance(modules, dict) and bool(modules) and all(
-        isinstance(shape, dict) and all(isinstance(shape.get(key), int) for key in ("d_in", "d_out"))
-        for shape in modules.values()
+    shapes_ok = (
+        isinstance(modules, dict)
+        and bool(modules)
+        and all(
+            isinstance(shape, dict) and all(isinstance(shape.get(key), int) for key in ("d_in", "d_out"))
+            for shape in modules.values()
+        )
     )
     if not shapes_ok or not isinstance(base_model, dict) or not isinstance(metadata["config"], dict):
         raise AdapterFileError(
@@ -112,7 +104,9 @@ def read_metadata(directory: Path) -> dict[str, Any]:
     return metadata
 
 
-def check_modules_fit(model: nn.Module, modules: dict[str, dict[str, int]], saved_class: str | None, directory: Path) -> None:
+def check_modules_fit(
+    model: nn.Module, modules: dict[str, dict[str, int]], saved_class: str | None, directory: Path
+) -> None:
     """Every saved module exists in ``model`` as an adaptable layer with the saved (d_in, d_out)."""
     present = dict(model.named_modules())
     for name, shape in modules.items():
@@ -131,35 +125,13 @@ def check_modules_fit(model: nn.Module, modules: dict[str, dict[str, int]], save
             )
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise AdapterFileError(f"{path} does not exist: expected the adapter's weights next to its config")
-    try:
-        return safetensors.torch.load_file(path)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise AdapterFileError(f"{path} is damaged or not a safetensors file ({err})") from None
-
-
 def fill_parameters(built: dict[str, Adapter], tensors: dict[str, torch.Tensor], directory: Path) -> None:
-    """Copy saved tensors into freshly built adapters (module name → adapter), checking names and shapes."""
-    expected = set()
+    """Copy saved tensors into freshly built adapters (module name → adapter), once every name and shape fits."""
+    path = directory / WEIGHTS_NAME
+    expected = {f"{name}.{key}": t for name, adapter in built.items() for key, t in adapter.saved_tensors().items()}
+    check_tensors_fit(tensors, expected, ADAPTER_FORMAT, f"{path} does not fit the adapters of this model")
     for name, adapter in built.items():
-        found = {}
-        for tensor_name, current in adapter.saved_tensors().items():
-            key = f"{name}.{tensor_name}"
-            expected.add(key)
-            if key not in tensors:
-                raise AdapterFileError(f"{directory / WEIGHTS_NAME} lacks the tensor {key!r}")
-            if tensors[key].shape != current.shape:
-                raise AdapterFileError(
-                    f"{directory / WEIGHTS_NAME}, module {name!r}: saved {tensor_name} has shape {tuple(tensors[key].shape)}, this model's "
-                    f"adapter needs {tuple(current.shape)}"
-                )
-            found[tensor_name] = tensors[key]
         try:
-            adapter.load_saved_tensors(found)
+            adapter.load_saved_tensors({key: tensors[f"{name}.{key}"] for key in adapter.saved_tensors()})
         except SlimtuneError as err:
-            raise AdapterFileError(f"{directory / WEIGHTS_NAME}, module {name!r}: {err}") from None
-    unexpected = sorted(set(tensors) - expected)
-    if unexpected:
-        raise AdapterFileError(f"{directory / WEIGHTS_NAME} has tensors no module takes: {unexpected[:5]}")
+            raise AdapterFileError(f"{path}, module {name!r}: {err}") from None

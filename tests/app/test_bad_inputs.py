@@ -9,6 +9,7 @@ the pieces its message must hold: the field and the value, plus what is allowed.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 
 import pytest
@@ -18,11 +19,16 @@ from torch import nn
 import slimtune as st
 from cases import assert_unchanged, snapshot, tiny_llama, tiny_mlp
 from slimtune.errors import DataError
-from slimtune.training.data import pack_for_lm, read_text_file
 from slimtune.linear_attention import LinearizeConfig, build_feature_map, get_linear_attention_op
 from slimtune.training import TrainConfig, evaluate_lm, train
+from slimtune.training.data import pack_for_lm, read_text_file
 
 ALLOWED_WORDS = ("allowed", "expected", "needs")
+
+
+def surm_config(structure: str, **overrides: object) -> st.SurmConfig:
+    return st.SurmConfig(**{"structure": structure, "block_size": 6, "r": 6, **overrides})
+
 
 # Every method and variant, by a factory taking overrides; the tiny MLP is 30 -> 42 -> 18.
 METHODS: dict[str, Callable[..., st.AdapterConfig]] = {
@@ -33,7 +39,7 @@ METHODS: dict[str, Callable[..., st.AdapterConfig]] = {
     "bat_col": lambda **kw: st.DishaConfig(**{"r": 6, "variant": "bat_col", **kw}),
     "bat_row": lambda **kw: st.DishaConfig(**{"r": 6, "variant": "bat_row", **kw}),
     **{
-        f"surm_{s}": (lambda s: lambda **kw: st.SurmConfig(**{"structure": s, "block_size": 6, "r": 6, **kw}))(s)
+        f"surm_{s}": functools.partial(surm_config, s)
         for s in ("circulant", "toeplitz", "toeplitz_symmetric", "toeplitz_product", "kronecker", "ldr")
     },
     "surm_adapter": lambda **kw: st.SurmAdapterConfig(**{"block_size": 6, "target_modules": ["fc1", "fc2"], **kw}),
@@ -120,11 +126,14 @@ def test_unknown_names_list_the_allowed_ones(call, value, an_allowed_name):
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-@pytest.mark.parametrize(("targets", "named"), [
-    (["q_proj"], ["target_modules=['q_proj']", "matched no adaptable module", "fc1"]),
-    (r"layers\.\d+", ["target_modules='layers\\\\.\\\\d+'", "matched no adaptable module", "fc2"]),
-    (["act"], ["'act' of type GELU", "allowed types are nn.Linear"]),
-])
+@pytest.mark.parametrize(
+    ("targets", "named"),
+    [
+        (["q_proj"], ["target_modules=['q_proj']", "matched no adaptable module", "fc1"]),
+        (r"layers\.\d+", ["target_modules='layers\\\\.\\\\d+'", "matched no adaptable module", "fc2"]),
+        (["act"], ["'act' of type GELU", "allowed types are nn.Linear"]),
+    ],
+)
 def test_target_modules_that_match_nothing_or_a_non_linear_module(method, targets, named, victim):
     before = snapshot(victim)
     with pytest.raises(st.TargetModulesError) as info:
@@ -212,63 +221,105 @@ def blocks(n: int = 4, seq_len: int = 8, dtype: torch.dtype = torch.long) -> tor
 
 QUIET = {"steps": 1, "progress": False}
 DATA_CASES = [
-    ("train: empty dataset",
-     lambda: train(llama(), blocks(0), TrainConfig(**QUIET)),
-     st.ConfigError, ["blocks is empty"]),
-    ("train: seq_len=0",
-     lambda: train(llama(), blocks(seq_len=0), TrainConfig(**QUIET)),
-     st.ConfigError, ["seq_len=0", "seq_len >= 2"]),
-    ("train: seq_len=1",
-     lambda: train(llama(), blocks(seq_len=1), TrainConfig(**QUIET)),
-     st.ConfigError, ["seq_len=1", "seq_len >= 2"]),
-    ("train: float blocks",
-     lambda: train(llama(), blocks(dtype=torch.float32), TrainConfig(**QUIET)),
-     st.ConfigError, ["dtype torch.float32", "integer token ids"]),
-    ("train: 1-D blocks",
-     lambda: train(llama(), blocks()[0], TrainConfig(**QUIET)),
-     st.ConfigError, ["shape (8,)", "[n_blocks, seq_len]"]),
-    ("train: ids past the vocabulary",
-     lambda: train(llama(), blocks() + 100, TrainConfig(**QUIET)),
-     st.ConfigError, ["token ids 100 .. 131", "0 .. 100"]),
-    ("train: empty eval_blocks",
-     lambda: train(llama(), blocks(), TrainConfig(**QUIET), blocks(0)),
-     st.ConfigError, ["eval_blocks is empty"]),
-    ("train: no trainable parameter",
-     lambda: train(tiny_llama().requires_grad_(False), blocks(), TrainConfig(**QUIET)),
-     st.ConfigError, ["no trainable parameter", "inject an adapter"]),
-    ("evaluate_lm: empty dataset",
-     lambda: evaluate_lm(llama(), blocks(0)),
-     st.ConfigError, ["blocks is empty"]),
-    ("TrainConfig: steps=0",
-     lambda: TrainConfig(steps=0),
-     st.ConfigError, ["steps=0", "positive integer"]),
-    ("TrainConfig: lr=0",
-     lambda: TrainConfig(lr=0.0),
-     st.ConfigError, ["lr=0.0", "positive number"]),
-    ("TrainConfig: batch_size=-1",
-     lambda: TrainConfig(batch_size=-1),
-     st.ConfigError, ["batch_size=-1", "positive integer"]),
-    ("TrainConfig: resume without output_dir",
-     lambda: TrainConfig(resume=True),
-     st.ConfigError, ["resume=True", "needs output_dir"]),
-    ("pack_for_lm: seq_len=0",
-     lambda: pack_for_lm(["a b"], _Tokenizer(), 0),
-     st.ConfigError, ["seq_len=0", "positive integer"]),
-    ("pack_for_lm: seq_len=-4",
-     lambda: pack_for_lm(["a b"], _Tokenizer(), -4),
-     st.ConfigError, ["seq_len=-4", "positive integer"]),
-    ("pack_for_lm: empty dataset",
-     lambda: pack_for_lm([], _Tokenizer(), 8),
-     DataError, ["no texts", "expected at least one"]),
-    ("pack_for_lm: too short",
-     lambda: pack_for_lm(["a"], _Tokenizer(), 8),
-     DataError, ["seq_len=8", "not one full block"]),
-    ("linear attention: T=0",
-     lambda: get_linear_attention_op("chunked")(*[torch.zeros(1, 2, 0, 4)] * 3),
-     st.ShapeError, ["T must be at least 1", "(1, 2, 0, 4)"]),
-    ("linear attention: chunk_size=0",
-     lambda: LinearizeConfig(chunk_size=0),
-     st.ConfigError, ["chunk_size=0", "positive int"]),
+    (
+        "train: empty dataset",
+        lambda: train(llama(), blocks(0), TrainConfig(**QUIET)),
+        st.ConfigError,
+        ["blocks is empty"],
+    ),
+    (
+        "train: seq_len=0",
+        lambda: train(llama(), blocks(seq_len=0), TrainConfig(**QUIET)),
+        st.ConfigError,
+        ["seq_len=0", "seq_len >= 2"],
+    ),
+    (
+        "train: seq_len=1",
+        lambda: train(llama(), blocks(seq_len=1), TrainConfig(**QUIET)),
+        st.ConfigError,
+        ["seq_len=1", "seq_len >= 2"],
+    ),
+    (
+        "train: float blocks",
+        lambda: train(llama(), blocks(dtype=torch.float32), TrainConfig(**QUIET)),
+        st.ConfigError,
+        ["dtype torch.float32", "integer token ids"],
+    ),
+    (
+        "train: 1-D blocks",
+        lambda: train(llama(), blocks()[0], TrainConfig(**QUIET)),
+        st.ConfigError,
+        ["shape (8,)", "[n_blocks, seq_len]"],
+    ),
+    (
+        "train: ids past the vocabulary",
+        lambda: train(llama(), blocks() + 100, TrainConfig(**QUIET)),
+        st.ConfigError,
+        ["token ids 100 .. 131", "0 .. 100"],
+    ),
+    (
+        "train: empty eval_blocks",
+        lambda: train(llama(), blocks(), TrainConfig(**QUIET), blocks(0)),
+        st.ConfigError,
+        ["eval_blocks is empty"],
+    ),
+    (
+        "train: no trainable parameter",
+        lambda: train(tiny_llama().requires_grad_(False), blocks(), TrainConfig(**QUIET)),
+        st.ConfigError,
+        ["no trainable parameter", "inject an adapter"],
+    ),
+    ("evaluate_lm: empty dataset", lambda: evaluate_lm(llama(), blocks(0)), st.ConfigError, ["blocks is empty"]),
+    ("TrainConfig: steps=0", lambda: TrainConfig(steps=0), st.ConfigError, ["steps=0", "positive integer"]),
+    ("TrainConfig: lr=0", lambda: TrainConfig(lr=0.0), st.ConfigError, ["lr=0.0", "positive number"]),
+    (
+        "TrainConfig: batch_size=-1",
+        lambda: TrainConfig(batch_size=-1),
+        st.ConfigError,
+        ["batch_size=-1", "positive integer"],
+    ),
+    (
+        "TrainConfig: resume without output_dir",
+        lambda: TrainConfig(resume=True),
+        st.ConfigError,
+        ["resume=True", "needs output_dir"],
+    ),
+    (
+        "pack_for_lm: seq_len=0",
+        lambda: pack_for_lm(["a b"], _Tokenizer(), 0),
+        st.ConfigError,
+        ["seq_len=0", "positive integer"],
+    ),
+    (
+        "pack_for_lm: seq_len=-4",
+        lambda: pack_for_lm(["a b"], _Tokenizer(), -4),
+        st.ConfigError,
+        ["seq_len=-4", "positive integer"],
+    ),
+    (
+        "pack_for_lm: empty dataset",
+        lambda: pack_for_lm([], _Tokenizer(), 8),
+        DataError,
+        ["no texts", "expected at least one"],
+    ),
+    (
+        "pack_for_lm: too short",
+        lambda: pack_for_lm(["a"], _Tokenizer(), 8),
+        DataError,
+        ["seq_len=8", "not one full block"],
+    ),
+    (
+        "linear attention: T=0",
+        lambda: get_linear_attention_op("chunked")(*[torch.zeros(1, 2, 0, 4)] * 3),
+        st.ShapeError,
+        ["T must be at least 1", "(1, 2, 0, 4)"],
+    ),
+    (
+        "linear attention: chunk_size=0",
+        lambda: LinearizeConfig(chunk_size=0),
+        st.ConfigError,
+        ["chunk_size=0", "positive int"],
+    ),
 ]
 
 

@@ -16,7 +16,7 @@ import slimtune as st
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
 
-from bf16_stability import configs, run  # noqa: E402
+from bf16_stability import configs, run
 
 STEPS = 50
 

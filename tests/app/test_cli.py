@@ -17,6 +17,8 @@ import torch
 
 import slimtune as st
 import slimtune.app.cli as cli
+import slimtune.app.commands as commands
+import slimtune.app.options as options
 from cases import tiny_llama
 from slimtune.linear_attention import LinearizeConfig
 from slimtune.training import TrainConfig
@@ -39,7 +41,9 @@ def texts(tmp_path_factory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("texts")
     paths = folder / "train.txt", folder / "eval.txt"
     for path, offset in zip(paths, (0, 100)):
-        path.write_text("\n\n".join(f"the cat {i} sat on the mat {i + 1} and the dog ran" for i in range(offset, offset + 30)))
+        path.write_text(
+            "\n\n".join(f"the cat {i} sat on the mat {i + 1} and the dog ran" for i in range(offset, offset + 30))
+        )
     return paths
 
 
@@ -81,51 +85,99 @@ def test_every_config_field_is_an_option(capsys):
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["--method", "lora", "--r", "4", "--alpha", "8", "--use-rslora", "--init", "gaussian", "--target-modules",
-          "q_proj", "v_proj"], st.LoraConfig(r=4, alpha=8.0, use_rslora=True, init="gaussian", target_modules=["q_proj", "v_proj"])),
+        (
+            [
+                "--method",
+                "lora",
+                "--r",
+                "4",
+                "--alpha",
+                "8",
+                "--use-rslora",
+                "--init",
+                "gaussian",
+                "--target-modules",
+                "q_proj",
+                "v_proj",
+            ],
+            st.LoraConfig(r=4, alpha=8.0, use_rslora=True, init="gaussian", target_modules=["q_proj", "v_proj"]),
+        ),
         (["--method", "bat_row", "--r", "6"], st.DishaConfig(r=6, variant="bat_row")),
-        (["--method", "disha", "--variant", "mini", "--mini-r", "3", "--dropout", "0.1"],
-         st.DishaConfig(variant="mini", mini_r=3, dropout=0.1)),
-        (["--method", "lora_sp", "--freeze-fraction", "0.25", "--granularity", "rank", "--adapter-seed", "3"],
-         st.LoraSpConfig(freeze_fraction=0.25, granularity="rank", seed=3)),
-        (["--method", "surm", "--structure", "ldr", "--block-size", "6", "--displacement-rank", "2", "--alpha", "0.5"],
-         st.SurmConfig(structure="ldr", block_size=6, displacement_rank=2, alpha=0.5)),
-        (["--method", "surm_adapter", "--activation", "gelu", "--no-bias", "--target-modules", r".*\.o_proj"],
-         st.SurmAdapterConfig(activation="gelu", bias=False, target_modules=r".*\.o_proj")),
+        (
+            ["--method", "disha", "--variant", "mini", "--mini-r", "3", "--dropout", "0.1"],
+            st.DishaConfig(variant="mini", mini_r=3, dropout=0.1),
+        ),
+        (
+            ["--method", "lora_sp", "--freeze-fraction", "0.25", "--granularity", "rank", "--adapter-seed", "3"],
+            st.LoraSpConfig(freeze_fraction=0.25, granularity="rank", seed=3),
+        ),
+        (
+            [
+                "--method",
+                "surm",
+                "--structure",
+                "ldr",
+                "--block-size",
+                "6",
+                "--displacement-rank",
+                "2",
+                "--alpha",
+                "0.5",
+            ],
+            st.SurmConfig(structure="ldr", block_size=6, displacement_rank=2, alpha=0.5),
+        ),
+        (
+            ["--method", "surm_adapter", "--activation", "gelu", "--no-bias", "--target-modules", r".*\.o_proj"],
+            st.SurmAdapterConfig(activation="gelu", bias=False, target_modules=r".*\.o_proj"),
+        ),
         ([], st.DishaConfig(variant="bone")),
     ],
 )
 def test_method_options_build_each_config(argv, expected):
     args = cli.build_parser().parse_args(["finetune", *argv])
-    assert cli.adapter_config(args.method, cli.collect(args, args.adapter_options, skip_none=True)) == expected
+    assert options.adapter_config(args.method, options.collect(args, args.adapter_options, skip_none=True)) == expected
 
 
 def test_options_a_method_lacks_are_refused(tiny, capsys):
     assert run_cli("finetune", "--model", tiny, "--method", "lora", "--structure", "toeplitz") == 2
     assert "structure='toeplitz' is not an option of method 'lora'; its options are" in capsys.readouterr().err
     with pytest.raises(st.ConfigError, match="use method 'disha' with variant='bat_row'"):
-        cli.adapter_config("bone", {"variant": "bat_row"})
+        options.adapter_config("bone", {"variant": "bat_row"})
     with pytest.raises(SystemExit):
         run_cli("finetune", "--no-such-option")
 
 
 def test_compare_run_specs():
-    label, config, lr = cli.parse_run("wide=lora:r=6,alpha=12,lr=1e-3,target_modules=q_proj+v_proj,use_rslora=true")
+    label, config, lr = options.parse_run("wide=lora:r=6,alpha=12,lr=1e-3,target_modules=q_proj+v_proj,use_rslora=true")
     assert (label, lr) == ("wide", 1e-3)
     assert config == st.LoraConfig(r=6, alpha=12.0, use_rslora=True, target_modules=["q_proj", "v_proj"])
-    assert cli.parse_run("bat_row:r=16") == ("bat_row", st.DishaConfig(r=16, variant="bat_row"), None)
+    assert options.parse_run("bat_row:r=16") == ("bat_row", st.DishaConfig(r=16, variant="bat_row"), None)
     with pytest.raises(st.ConfigError, match="r='x' is not allowed: expected a int"):
-        cli.parse_run("lora:r=x")
+        options.parse_run("lora:r=x")
     with pytest.raises(st.ConfigError, match="not an option of method 'surm'"):
-        cli.parse_run("surm:variant=bone")
+        options.parse_run("surm:variant=bone")
 
 
 def test_finetune_resume_eval_merge_export(tiny, texts, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "run"
-    train = [*data_options(tiny, texts), "--method", "lora", "--r", "4", "--lr", "1e-2", "--checkpoint-every", "2",
-             "--eval-every", "2", "--output", out, "--no-progress"]
+    train = [
+        *data_options(tiny, texts),
+        "--method",
+        "lora",
+        "--r",
+        "4",
+        "--lr",
+        "1e-2",
+        "--checkpoint-every",
+        "2",
+        "--eval-every",
+        "2",
+        "--output",
+        out,
+        "--no-progress",
+    ]
     assert run_cli("finetune", *train, "--steps", "4") == 0
     assert run_cli("finetune", *train, "--steps", "6", "--resume") == 0
     record = json.loads((out / "run.json").read_text())
@@ -133,8 +185,22 @@ def test_finetune_resume_eval_merge_export(tiny, texts, tmp_path, capsys):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
     capsys.readouterr()
 
-    assert run_cli("eval", "--model", tiny, "--adapter", out / "adapter", "--data", texts[1], "--seq-len", "32",
-                   "--max-blocks", "16") == 0
+    assert (
+        run_cli(
+            "eval",
+            "--model",
+            tiny,
+            "--adapter",
+            out / "adapter",
+            "--data",
+            texts[1],
+            "--seq-len",
+            "32",
+            "--max-blocks",
+            "16",
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["loss"] == pytest.approx(record["eval_losses"]["6"], rel=1e-4)
 
@@ -146,7 +212,12 @@ def test_finetune_resume_eval_merge_export(tiny, texts, tmp_path, capsys):
         torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
     assert not any("lora" in name for name, _ in merged.named_parameters())
 
-    assert run_cli("export", "--format", "peft", "--model", tiny, "--adapter", out / "adapter", "--output", tmp_path / "peft") == 0
+    assert (
+        run_cli(
+            "export", "--format", "peft", "--model", tiny, "--adapter", out / "adapter", "--output", tmp_path / "peft"
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
 
@@ -159,9 +230,29 @@ def test_export_of_a_method_without_peft_equivalent_fails_clearly(tiny, tmp_path
 
 def test_compare_writes_table_plot_and_record(tiny, texts, tmp_path, capsys):
     out = tmp_path / "compare"
-    runs = ["--run", "lora:r=4,lr=1e-2", "--run", "bone:r=6", "--run", "circ=surm:structure=circulant,block_size=6,lr=1e-2"]
-    assert run_cli("compare", *data_options(tiny, texts), "--steps", "3", "--eval-every", "2", *runs, "--output", out,
-                   "--no-progress") == 0
+    runs = [
+        "--run",
+        "lora:r=4,lr=1e-2",
+        "--run",
+        "bone:r=6",
+        "--run",
+        "circ=surm:structure=circulant,block_size=6,lr=1e-2",
+    ]
+    assert (
+        run_cli(
+            "compare",
+            *data_options(tiny, texts),
+            "--steps",
+            "3",
+            "--eval-every",
+            "2",
+            *runs,
+            "--output",
+            out,
+            "--no-progress",
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert "| lora |" in table and "| bone |" in table and "| circ |" in table and "step s (median)" in table
     record = json.loads((out / "compare.json").read_text())
@@ -174,16 +265,54 @@ def test_compare_writes_table_plot_and_record(tiny, texts, tmp_path, capsys):
 
 def test_linearize_then_evaluate(tiny, texts, tmp_path, capsys):
     out = tmp_path / "linear"
-    assert run_cli("linearize", *data_options(tiny, texts), "--transfer-steps", "2", "--finetune-steps", "2",
-                   "--method", "lora", "--r", "4", "--feature-map", "dijiang", "--chunk-size", "16", "--window", "8", "--sink-tokens", "2",
-                   "--output", out) == 0
+    assert (
+        run_cli(
+            "linearize",
+            *data_options(tiny, texts),
+            "--transfer-steps",
+            "2",
+            "--finetune-steps",
+            "2",
+            "--method",
+            "lora",
+            "--r",
+            "4",
+            "--feature-map",
+            "dijiang",
+            "--chunk-size",
+            "16",
+            "--window",
+            "8",
+            "--sink-tokens",
+            "2",
+            "--output",
+            out,
+        )
+        == 0
+    )
     record = json.loads((out / "run.json").read_text())
     stages = {entry["stage"]: entry["loss"] for entry in record["held_out_loss"]}
     assert list(stages) == ["original", "linearized", "attention transfer", "fine-tuned"]
     assert (record["linearize_config"]["chunk_size"], record["linearize_config"]["window"]) == (16, 8)
     capsys.readouterr()
-    assert run_cli("eval", "--model", tiny, "--linear-attention", out / "linear_attention", "--adapter", out / "adapter",
-                   "--data", texts[1], "--seq-len", "32", "--max-blocks", "16") == 0
+    assert (
+        run_cli(
+            "eval",
+            "--model",
+            tiny,
+            "--linear-attention",
+            out / "linear_attention",
+            "--adapter",
+            out / "adapter",
+            "--data",
+            texts[1],
+            "--seq-len",
+            "32",
+            "--max-blocks",
+            "16",
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["loss"] == pytest.approx(stages["fine-tuned"], rel=1e-4)
 
@@ -196,12 +325,20 @@ def test_topic_accuracy_on_bbc_news(tiny, capsys):
 
 def test_bench_runs_the_benchmark_script_of_the_checkout_with_the_arguments(monkeypatch):
     calls = []
-    monkeypatch.setattr(cli.subprocess, "run", lambda command, check: calls.append(command) or subprocess.CompletedProcess(command, 0))
+
+    def fake_run(command: list[str], check: bool) -> subprocess.CompletedProcess:
+        calls.append(command)
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(commands.subprocess, "run", fake_run)
     monkeypatch.chdir(Path(__file__).parents[2])
     script = str(Path.cwd() / "benchmarks" / "adapters.py")
     assert run_cli("bench", "--workload", "synthetic", "--rounds", "3") == 0
     assert run_cli("bench", "--", "--help") == 0
-    assert calls == [[sys.executable, script, "--workload", "synthetic", "--rounds", "3"], [sys.executable, script, "--help"]]
+    assert calls == [
+        [sys.executable, script, "--workload", "synthetic", "--rounds", "3"],
+        [sys.executable, script, "--help"],
+    ]
 
 
 def test_bench_outside_a_checkout_says_where_to_run_it(monkeypatch, tmp_path, capsys):
@@ -211,7 +348,9 @@ def test_bench_outside_a_checkout_says_where_to_run_it(monkeypatch, tmp_path, ca
 
 
 def test_python_dash_m_slimtune():
-    done = subprocess.run([sys.executable, "-m", "slimtune", "export", "--help"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "slimtune", "export", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0 and "usage: slimtune export" in done.stdout
 
 

@@ -20,8 +20,18 @@ import pytest
 import torch
 
 import slimtune.app.models as models
+from slimtune.app.models import (
+    CACHE_MARKER,
+    SMOLLM2_FOLDER,
+    cache_root,
+    ensure_cache,
+    is_complete_cache,
+    load_minilm,
+    load_model,
+    load_smollm2,
+    smollm2_cache_folder,
+)
 from slimtune.errors import ConfigError
-from slimtune.app.models import CACHE_MARKER, SMOLLM2_FOLDER, cache_root, ensure_cache, is_complete_cache, load_minilm, load_model, load_smollm2, smollm2_cache_folder
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +83,12 @@ def test_incomplete_cache_is_rebuilt(smollm2, tmp_path, monkeypatch):
     folder = tmp_path / SMOLLM2_FOLDER
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(b"half a file")
-    host, dead = socket.gethostname(), subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                                                      capture_output=True, text=True, check=True).stdout.strip()
+    host, dead = (
+        socket.gethostname(),
+        subprocess.run(
+            [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+        ).stdout.strip(),
+    )
     leftovers = {
         "old": tmp_path / f".{SMOLLM2_FOLDER}.unlabelled.tmp",
         "dead process": tmp_path / f".{SMOLLM2_FOLDER}.{host}.{dead}.0badc0de.tmp",

@@ -18,9 +18,15 @@ import torch
 
 import slimtune as st
 from cases import CASES, assert_unchanged, randomize_adapters, snapshot, tiny_gpt2, tiny_llama, tiny_mlp
-from slimtune.training.checkpoint import STATE_FILE, checkpoint_problem, checkpoint_root, latest_checkpoint
 from slimtune.linear_attention import linearize, load_linearized, save_linearized
 from slimtune.training import TrainConfig, train
+from slimtune.training.checkpoint import (
+    STATE_FILE,
+    checkpoint_problem,
+    checkpoint_root,
+    latest_checkpoint,
+    load_checkpoint,
+)
 from train_script import token_blocks
 
 
@@ -36,6 +42,15 @@ class WritesAMarker:
 
 def write_pickle(target: Path, marker: Path) -> None:
     target.write_bytes(pickle.dumps({"fc1.block": WritesAMarker(marker)}))
+
+
+def deep_json(levels: int) -> str:
+    """JSON lists nested ``levels`` deep: deeper than any slimtune file, and from about 1,000 levels deeper than
+    Python's recursion limit."""
+    return "[" * levels + "]" * levels
+
+
+TOO_DEEP = r"nests lists or objects more than the 100 levels allowed"
 
 
 @pytest.fixture
@@ -94,13 +109,15 @@ DAMAGED_WEIGHTS = {
     "truncated": lambda path: path.write_bytes(path.read_bytes()[:-7]),
     "header cut": lambda path: path.write_bytes(path.read_bytes()[:5]),
     "empty": lambda path: path.write_bytes(b""),
-    "a tensor missing": lambda path: _rewrite(path, lambda t: t.pop("fc2.block")),
-    "an extra tensor": lambda path: _rewrite(path, lambda t: t.update({"fc9.block": torch.zeros(2)})),
-    "a tensor of another shape": lambda path: _rewrite(path, lambda t: t.update({"fc1.block": torch.zeros(6, 41)})),
+    "a tensor missing": lambda path: rewrite_tensors(path, lambda t: t.pop("fc2.block")),
+    "an extra tensor": lambda path: rewrite_tensors(path, lambda t: t.update({"fc9.block": torch.zeros(2)})),
+    "a tensor of another shape": lambda path: rewrite_tensors(
+        path, lambda t: t.update({"fc1.block": torch.zeros(6, 41)})
+    ),
 }
 
 
-def _rewrite(path: Path, edit) -> None:
+def rewrite_tensors(path: Path, edit) -> None:
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(path)
@@ -112,7 +129,16 @@ def _rewrite(path: Path, edit) -> None:
 def test_damaged_adapter_weights_are_refused_and_leave_the_model_unchanged(saved_bone, victim, case):
     DAMAGED_WEIGHTS[case](saved_bone / "adapter_model.safetensors")
     before = snapshot(victim)
-    with pytest.raises(st.AdapterFileError, match="adapter_model.safetensors"):
+    with pytest.raises(st.AdapterFileError, match=r"adapter_model\.safetensors"):
+        st.load_adapter(victim, saved_bone, "second")
+    assert_unchanged(victim, before)
+
+
+@pytest.mark.parametrize("levels", [150, 100_000])
+def test_deeply_nested_adapter_config_is_refused_and_leaves_the_model_unchanged(saved_bone, victim, levels):
+    (saved_bone / "adapter_config.json").write_text(f'{{"modules": {deep_json(levels)}}}')
+    before = snapshot(victim)
+    with pytest.raises(st.AdapterFileError, match=rf"adapter_config\.json {TOO_DEEP}"):
         st.load_adapter(victim, saved_bone, "second")
     assert_unchanged(victim, before)
 
@@ -122,7 +148,8 @@ def test_an_adapter_for_another_base_model_names_the_module(tmp_path):
     st.save_adapter(llama, tmp_path)
     gpt2 = tiny_gpt2()
     before = snapshot(gpt2)
-    with pytest.raises(st.AdapterFileError, match=r"module 'model.layers.0.self_attn.q_proj', which GPT2LMHeadModel lacks"):
+    named = r"module 'model\.layers\.0\.self_attn\.q_proj', which GPT2LMHeadModel lacks"
+    with pytest.raises(st.AdapterFileError, match=named):
         st.load_adapter(gpt2, tmp_path)
     assert_unchanged(gpt2, before)
 
@@ -133,7 +160,7 @@ def test_pickled_adapter_weights_are_never_unpickled(saved_bone, tmp_path, name)
     if name.endswith(".bin"):
         (saved_bone / "adapter_model.safetensors").unlink()
     write_pickle(saved_bone / name, marker)
-    with pytest.raises(st.AdapterFileError, match="adapter_model.safetensors"):
+    with pytest.raises(st.AdapterFileError, match=r"adapter_model\.safetensors"):
         st.load_adapter(tiny_mlp(), saved_bone)
     assert not marker.exists()
 
@@ -146,13 +173,24 @@ def checkpointed_run(output_dir: Path) -> Path:
 
 
 def resumed_config(output_dir: Path, resume: bool = True) -> TrainConfig:
-    return TrainConfig(steps=4, lr=1e-2, seed=2, progress=False, output_dir=str(output_dir), checkpoint_every=2,
-                       keep_checkpoints=2, resume=resume)
+    return TrainConfig(
+        steps=4,
+        lr=1e-2,
+        seed=2,
+        progress=False,
+        output_dir=str(output_dir),
+        checkpoint_every=2,
+        keep_checkpoints=2,
+        resume=resume,
+    )
 
 
 def resume(output_dir: Path):
-    return train(st.get_adapted_model(tiny_llama(), st.LoraConfig(r=4, alpha=8.0)), token_blocks(12, seed=0),
-                 resumed_config(output_dir))
+    return train(
+        st.get_adapted_model(tiny_llama(), st.LoraConfig(r=4, alpha=8.0)),
+        token_blocks(12, seed=0),
+        resumed_config(output_dir),
+    )
 
 
 def same_size_garbage(path: Path) -> None:
@@ -197,9 +235,38 @@ def test_a_pickle_in_a_checkpoint_is_never_unpickled(tmp_path):
     state = json.loads((folder / STATE_FILE).read_text())
     state["files"]["trainable.safetensors"] = (folder / "trainable.safetensors").stat().st_size
     (folder / STATE_FILE).write_text(json.dumps(state))
-    with pytest.raises(st.ConfigError, match="trainable.safetensors is damaged or not a safetensors file"):
+    with pytest.raises(st.ConfigError, match=r"trainable\.safetensors is damaged or not a safetensors file"):
         resume(tmp_path)
     assert not marker.exists()
+
+
+def test_deeply_nested_checkpoint_json_is_skipped_or_refused_by_name(tmp_path):
+    root = checkpointed_run(tmp_path)
+    (root / "step-000004" / STATE_FILE).write_text(deep_json(100_000))
+    assert TOO_DEEP in checkpoint_problem(root / "step-000004")
+    assert latest_checkpoint(root) == root / "step-000002"
+    optimizer = root / "step-000002" / "optimizer.json"
+    size = optimizer.stat().st_size
+    optimizer.write_text(deep_json(size // 2).ljust(size))  # the same size: the manifest cannot tell
+    with pytest.raises(
+        st.ConfigError, match=rf"step-000002/optimizer\.json {TOO_DEEP}; resume from another checkpoint"
+    ):
+        resume(tmp_path)
+
+
+def test_a_checkpoint_that_does_not_fit_changes_nothing_and_names_both_shapes(tmp_path):
+    folder = checkpointed_run(tmp_path) / "step-000004"
+    name = "model.layers.0.self_attn.q_proj.adapters.default.lora_A"
+    rewrite_tensors(folder / "trainable.safetensors", lambda t: t.update({name: torch.zeros(3, 5)}))
+    model = st.get_adapted_model(tiny_llama(), st.LoraConfig(r=4, alpha=8.0))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    before, rng = snapshot(model), torch.get_rng_state()
+    mismatch = rf"does not fit the model's trainable parameters; shape mismatches: \['{name} saved \(3, 5\) vs model"
+    with pytest.raises(st.ConfigError, match=mismatch):
+        load_checkpoint(folder, model, optimizer, scheduler, process_index=0)
+    assert_unchanged(model, before)
+    assert not optimizer.state and torch.equal(torch.get_rng_state(), rng)
 
 
 @pytest.fixture
@@ -207,9 +274,12 @@ def saved_linearized(tmp_path) -> Path:
     return save_linearized(linearize(tiny_llama()), tmp_path / "linear")
 
 
-@pytest.mark.parametrize("damage", ["truncated", "pickle", "config missing", "newer format", "config unknown key"])
+@pytest.mark.parametrize(
+    "damage", ["truncated", "pickle", "config missing", "newer format", "config unknown key", "deeply nested config"]
+)
 def test_damaged_linearized_files_are_refused_and_leave_the_model_unchanged(saved_linearized, tmp_path, damage):
-    tensors, config = saved_linearized / "linear_attention.safetensors", saved_linearized / "linear_attention_config.json"
+    tensors = saved_linearized / "linear_attention.safetensors"
+    config = saved_linearized / "linear_attention_config.json"
     record = json.loads(config.read_text())
     marker = tmp_path / "unpickled"
     if damage == "truncated":
@@ -220,6 +290,8 @@ def test_damaged_linearized_files_are_refused_and_leave_the_model_unchanged(save
         record["config"]["feature_size"] = 8
     elif damage == "config missing":
         del record["config"]
+    elif damage == "deeply nested config":
+        config.write_text(deep_json(100_000))
     else:
         record["format_version"] += 1
     if damage.startswith("config") or damage == "newer format":

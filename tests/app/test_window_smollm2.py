@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from slimtune.app.corpus import lm_blocks
-from slimtune.linear_attention import LinearAttentionCache, LinearizeConfig, linearize
 from slimtune.app.models import load_smollm2
+from slimtune.linear_attention import LinearAttentionCache, LinearizeConfig, linearize
 from slimtune.training import evaluate_lm
 
 

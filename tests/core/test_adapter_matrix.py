@@ -22,6 +22,8 @@ from cases import (
 
 MODELS = ("mlp", "llama", "gpt2")
 MATRIX = [(case, kind) for case in CASES for kind in MODELS]
+MERGEABLE = [case for case, config in CASES.items() if config.adapter_class.supports_merge]
+MERGE_MATRIX = [(case, kind) for case, kind in MATRIX if case in MERGEABLE]
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +32,21 @@ def base_models():
 
 
 @pytest.mark.parametrize(("case", "kind"), MATRIX)
-def test_identity_at_init(case, kind, base_models):
+def test_output_at_init_is_unchanged_exactly_when_the_class_says_so(case, kind, base_models):
     base = base_models[kind]
     inputs = model_input(base)
     model = adapted_copy(base, CASES[case])
-    assert torch.equal(model_output(model, inputs), model_output(base, inputs))
+    unchanged = torch.equal(model_output(model, inputs), model_output(base, inputs))
+    assert unchanged == CASES[case].adapter_class.identity_at_init
+
+
+@pytest.mark.parametrize(("case", "kind"), MATRIX)
+def test_every_adapter_is_of_its_configs_class(case, kind, base_models):
+    """The class, and so every capability, is known from the config alone, before any model is built."""
+    model = adapted_copy(base_models[kind], CASES[case])
+    adapters = [layer.adapter("default") for _, layer in st.adapted_layers(model)]
+    assert adapters and all(type(adapter) is CASES[case].adapter_class for adapter in adapters)
+    assert all(isinstance(adapter, st.Adapter) for adapter in adapters)
 
 
 @pytest.mark.parametrize(("case", "kind"), MATRIX)
@@ -60,7 +72,7 @@ def test_fast_forward_and_gradients_equal_dense_reference(case, kind, dtype):
     model.to(dtype)
     generator = torch.Generator().manual_seed(3)
     for _, layer in st.adapted_layers(model):
-        adapter = layer.adapters["default"]
+        adapter = layer.adapter("default")
         x = torch.randn(2, 7, layer.d_in, generator=generator).to(dtype).requires_grad_()
         upstream = torch.randn(2, 7, layer.d_out, generator=generator)
         y = layer(x)
@@ -71,7 +83,7 @@ def test_fast_forward_and_gradients_equal_dense_reference(case, kind, dtype):
         x32 = x.detach().float().requires_grad_()
         weight = layer.base_weight().detach().float()
         with _swapped(adapter, ref_params):
-            y_ref = reference_output(adapter, x32, weight, layer.base_layer.bias.float())
+            y_ref = reference_output(CASES[case], adapter, x32, weight, layer.base_layer.bias.float())
         (y_ref * upstream).sum().backward()
         reference = [y_ref.detach(), x32.grad, *[p.grad for p in ref_params]]
 
@@ -86,22 +98,15 @@ def test_merged_weight_equals_reference(case):
     model = adapted_copy(build("mlp"), CASES[case])
     randomize_adapters(model)
     for _, layer in st.adapted_layers(model):
-        adapter = layer.adapters["default"]
+        adapter = layer.adapter("default")
         weight, bias = layer.base_weight().detach(), layer.base_layer.bias.detach()
         if not adapter.supports_merge:
             with pytest.raises(st.MergeError, match="cannot be merged"):
                 layer.merge()
             continue
-        expected_weight, expected_bias = reference_merged(adapter, weight, bias)
+        expected_weight, expected_bias = reference_merged(CASES[case], adapter, weight, bias)
         assert relative_error(adapter.merged_weight(weight), expected_weight) < 1e-6
         assert relative_error(adapter.merged_bias(bias), expected_bias) < 1e-6
-
-
-def mergeable(case: str) -> bool:
-    return all(a.supports_merge for _, l in st.adapted_layers(adapted_copy(build("mlp"), CASES[case])) for a in l.adapters.values())
-
-
-MERGE_MATRIX = [(case, kind) for case, kind in MATRIX if mergeable(case)]
 
 
 @pytest.mark.parametrize(("case", "kind"), MERGE_MATRIX)
@@ -120,8 +125,9 @@ def test_merge_unmerge_and_merge_and_unload(case, kind, base_models):
 
     st.unmerge_adapters(model)
     st.unmerge_adapters(model)  # idempotent
+    tolerance = CASES[case].adapter_class.merge_tolerance
     for name, param in model.named_parameters():
-        torch.testing.assert_close(param, weights_before[name], rtol=1e-5, atol=1e-6)
+        assert relative_error(param, weights_before[name]) < tolerance, name
     assert relative_error(model_output(model, inputs), adapted) < 1e-5
 
     plain = st.merge_and_unload(model)
@@ -169,7 +175,7 @@ def test_save_load_round_trip(case, kind, base_models, tmp_path):
     assert torch.equal(model_output(loaded, inputs), model_output(model, inputs))
 
 
-@pytest.mark.parametrize("case", [case for case in CASES if mergeable(case)])
+@pytest.mark.parametrize("case", MERGEABLE)
 def test_disable_adapters_gives_base_output_and_restores_merges(case):
     base = build("mlp")
     inputs = model_input(base)

@@ -1,12 +1,14 @@
-"""DiSHA's fast forms against their slow references, on odd shapes, in float64/float32/bfloat16."""
+"""DiSHA's fast forms against the slow loop references of ``cases.py``, on odd shapes, in float64/float32/bfloat16."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from cases import relative_error
+from cases import bat_delta_reference, bone_delta_reference, mini_delta_reference, relative_error
 from slimtune.functional import disha as F_disha
+
+AXES = {"bat_col": 0, "bat_row": 1}  # Bat-Col: one B per output block (W's dim 0); Bat-Row: per input block
 
 SHAPES = [(6, 18, 3), (30, 42, 6), (20, 15, 5), (9, 27, 9)]  # (d_in, d_out, r): r divides both
 
@@ -19,7 +21,7 @@ def random(*shape: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.
 def test_bone_delta_and_shard_sum_match_the_definition(d_in, r):
     m = random(r, 11, seed=0)
     x = random(3, 4, d_in, seed=1)
-    dense = F_disha.bone_delta_reference(m, d_in)
+    dense = bone_delta_reference(m, d_in)
     assert torch.equal(F_disha.bone_delta_weight(m, d_in), dense)
     torch.testing.assert_close(F_disha.bone_delta(x, m), x @ dense.t())
 
@@ -27,21 +29,17 @@ def test_bone_delta_and_shard_sum_match_the_definition(d_in, r):
 def test_mini_matches_the_definition():
     m = random(5, 3, seed=0)
     x = random(2, 7, 17, seed=1)
-    dense = F_disha.mini_delta_reference(m, 17, 12)
+    dense = mini_delta_reference(m, 17, 12)
     torch.testing.assert_close(F_disha.mini_delta(x, m, 12), x @ dense.t())
     torch.testing.assert_close(F_disha.bone_delta_weight(F_disha.mini_full_block(m, 12), 17), dense)
 
 
+@pytest.mark.parametrize("variant", list(AXES))
 @pytest.mark.parametrize(("d_in", "d_out", "r"), SHAPES)
-def test_bat_col_delta_matches_blocks(d_in, d_out, r):
-    weight, b = random(d_out, d_in, seed=0), random(d_out // r, r, r, seed=1)
-    torch.testing.assert_close(F_disha.bat_col_delta_weight(weight, b), F_disha.bat_col_delta_reference(weight, b))
-
-
-@pytest.mark.parametrize(("d_in", "d_out", "r"), SHAPES)
-def test_bat_row_delta_matches_blocks(d_in, d_out, r):
-    weight, b = random(d_out, d_in, seed=0), random(d_in // r, r, r, seed=1)
-    torch.testing.assert_close(F_disha.bat_row_delta_weight(weight, b), F_disha.bat_row_delta_reference(weight, b))
+def test_bat_delta_matches_blocks(d_in, d_out, r, variant):
+    axis = AXES[variant]
+    weight, b = random(d_out, d_in, seed=0), random((d_out, d_in)[axis] // r, r, r, seed=1)
+    torch.testing.assert_close(F_disha.bat_delta_weight(weight, b, axis), bat_delta_reference(weight, b, variant))
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -57,7 +55,7 @@ def test_bat_col_autograd_function_matches_dense_autograd(d_in, d_out, r, with_b
 
     y = F_disha.bat_col_linear(x, weight, bias, b)
     fast = [y, *torch.autograd.grad((y * upstream).sum(), leaves)]
-    merged = weight + F_disha.bat_col_delta_reference(weight, b)
+    merged = weight + bat_delta_reference(weight, b, "bat_col")
     y_ref = torch.nn.functional.linear(x, merged, bias)
     reference = [y_ref, *torch.autograd.grad((y_ref * upstream).sum(), leaves)]
     for got, expected in zip(fast, reference):
@@ -84,20 +82,25 @@ def test_bat_row_factorised_forward_equals_dense(d_in, d_out, r):
     b = random(d_in // r, r, r, seed=3, dtype=torch.float32) * 0.3
     z = F_disha.bat_row_shift(x, b)
     y = F_disha.bat_row_output(torch.nn.functional.linear(x + z.flatten(-2), weight, bias), z)
-    dense = torch.nn.functional.linear(x, weight + F_disha.bat_row_delta_reference(weight, b), bias)
+    dense = torch.nn.functional.linear(x, weight + bat_delta_reference(weight, b, "bat_row"), bias)
     assert relative_error(y, dense) < 1e-5
 
 
-@pytest.mark.parametrize("variant", ["col", "row"])
+PRECISION = [(torch.float64, 1e-13), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)]  # (dtype, relative tolerance)
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), PRECISION)
+@pytest.mark.parametrize("variant", list(AXES))
 @pytest.mark.parametrize(("d_in", "d_out", "r"), SHAPES)
-def test_bat_unmerge_inverts_merge_in_float32(d_in, d_out, r, variant):
-    weight = random(d_out, d_in, seed=0, dtype=torch.float32)
-    n_blocks = d_out // r if variant == "col" else d_in // r
-    b = random(n_blocks, r, r, seed=1, dtype=torch.float32) * 0.2
-    delta = F_disha.bat_col_delta_weight if variant == "col" else F_disha.bat_row_delta_weight
-    unmerge = F_disha.bat_col_unmerged_weight if variant == "col" else F_disha.bat_row_unmerged_weight
-    restored = unmerge(weight + delta(weight, b), b)
-    assert relative_error(restored, weight) < 1e-5
+def test_bat_unmerge_inverts_merge(d_in, d_out, r, variant, dtype, tolerance):
+    """float64 stays float64 (no round trip through float32); lower precisions are inverted in float32."""
+    axis = AXES[variant]
+    weight = random(d_out, d_in, seed=0).to(dtype)
+    b = (random((d_out, d_in)[axis] // r, r, r, seed=1) * 0.2).to(dtype)
+    merged = F_disha.bat_merged_weight(weight, b, axis)
+    restored = F_disha.bat_unmerged_weight(merged, b, axis)
+    assert restored.dtype == dtype
+    assert relative_error(restored, weight) < tolerance
 
 
 def test_bat_col_bfloat16_close_to_float32():

@@ -95,7 +95,7 @@ def test_duplicate_and_unknown_adapter_names():
         st.set_adapter(model, "b")
     with pytest.raises(st.AdapterNameError, match="adapter_name='b' is not on the model"):
         st.delete_adapter(model, "b")
-    with pytest.raises(st.AdapterNameError, match="without '.'"):
+    with pytest.raises(st.AdapterNameError, match=r"without '\.'"):
         st.get_adapted_model(model, st.LoraConfig(r=2), "x.y")
 
 
@@ -159,7 +159,7 @@ def test_pickle_file_is_never_read(saved_bone):
 
 
 def test_missing_config_file(tmp_path):
-    with pytest.raises(st.AdapterFileError, match="adapter_config.json does not exist"):
+    with pytest.raises(st.AdapterFileError, match=r"adapter_config\.json does not exist"):
         st.load_adapter(tiny_mlp(), tmp_path)
 
 

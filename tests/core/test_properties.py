@@ -17,15 +17,24 @@ from hypothesis import strategies as hs
 from torch import nn
 
 import slimtune as st
-from slimtune.adapters.disha import DISHA_VARIANTS
-from slimtune.adapters.surm import STRUCTURES as SURM_STRUCTURES
 from cases import randomize_adapters
+from slimtune.adapters.disha import DISHA_VARIANTS
+from slimtune.adapters.structures import STRUCTURES as SURM_STRUCTURES
 
 SETTINGS = settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 STRUCTURES = ["circulant", "toeplitz", "toeplitz_symmetric", "toeplitz_product", "kronecker", "ldr"]
 # every method and variant registered: LoRA (+ rsLoRA), LoRA-SP, DiSHA's four variants, each SURM structure, the
 # SURM adapter (its structures and activations drawn)
-FAMILIES = ["lora", "lora_sp", "bone", "mini", "bat_col", "bat_row", *(f"surm_{s}" for s in STRUCTURES), "surm_adapter"]
+FAMILIES = [
+    "lora",
+    "lora_sp",
+    "bone",
+    "mini",
+    "bat_col",
+    "bat_row",
+    *(f"surm_{s}" for s in STRUCTURES),
+    "surm_adapter",
+]
 
 
 @hs.composite
@@ -40,28 +49,40 @@ def layer_and_config(draw, family: str, mergeable: bool = False) -> tuple[int, i
         d_in, d_out = b * draw(hs.integers(1, 5)), b * draw(hs.integers(1, 5))
         if family != "surm_adapter":
             structure = family.removeprefix("surm_")
-            return d_in, d_out, st.SurmConfig(structure=structure, block_size=b, r=b, displacement_rank=draw(hs.integers(1, 3)))
+            rank = draw(hs.integers(1, 3))
+            return d_in, d_out, st.SurmConfig(structure=structure, block_size=b, r=b, displacement_rank=rank)
         structure = draw(hs.sampled_from(STRUCTURES))
         activation = "identity" if mergeable else draw(hs.sampled_from(["identity", "gelu", "relu", "silu"]))
-        return d_in, d_out, st.SurmAdapterConfig(
-            structure=structure, block_size=b, r=b, activation=activation, bias=draw(hs.booleans()), target_modules=["layer"]
+        return (
+            d_in,
+            d_out,
+            st.SurmAdapterConfig(
+                structure=structure,
+                block_size=b,
+                r=b,
+                activation=activation,
+                bias=draw(hs.booleans()),
+                target_modules=["layer"],
+            ),
         )
     d_in, d_out = draw(hs.integers(1, 40)), draw(hs.integers(1, 40))
     if family == "bone":
         return d_in, d_out, st.DishaConfig(r=draw(hs.integers(1, d_in)))
     if family == "mini":
         divisors = [k for k in range(1, d_out + 1) if d_out % k == 0]
-        return d_in, d_out, st.DishaConfig(r=draw(hs.integers(1, d_in)), variant="mini", mini_r=draw(hs.sampled_from(divisors)))
+        mini_r = draw(hs.sampled_from(divisors))
+        return d_in, d_out, st.DishaConfig(r=draw(hs.integers(1, d_in)), variant="mini", mini_r=mini_r)
     r = draw(hs.integers(1, min(d_in, d_out)))
     if family == "lora":
         return d_in, d_out, st.LoraConfig(r=r, use_rslora=draw(hs.booleans()))
-    return d_in, d_out, st.LoraSpConfig(r=r, freeze_fraction=draw(hs.floats(0.0, 0.9)), granularity=draw(hs.sampled_from(["element", "rank"])))
+    fraction, granularity = draw(hs.floats(0.0, 0.9)), draw(hs.sampled_from(["element", "rank"]))
+    return d_in, d_out, st.LoraSpConfig(r=r, freeze_fraction=fraction, granularity=granularity)
 
 
 def test_every_registered_method_variant_and_structure_is_drawn():
     """A method, DiSHA variant or SURM structure added to slimtune fails here until FAMILIES draws it."""
     assert set(st.METHODS) == {"lora", "lora_sp", "disha", "surm", "surm_adapter"}
-    assert set(DISHA_VARIANTS) <= set(FAMILIES) and tuple(STRUCTURES) == SURM_STRUCTURES
+    assert set(DISHA_VARIANTS) <= set(FAMILIES) and tuple(STRUCTURES) == tuple(SURM_STRUCTURES)
 
 
 class OneLayer(nn.Module):

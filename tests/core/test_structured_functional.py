@@ -11,9 +11,16 @@ from collections.abc import Callable
 from functools import partial
 
 import pytest
+import scipy.linalg
 import torch
 
-from cases import relative_error
+from cases import (
+    circulant_by_loops,
+    general_toeplitz,
+    linear_matrix,
+    relative_error,
+    skew_circulant_by_loops,
+)
 from slimtune.errors import ShapeError
 from slimtune.functional import structured as S
 
@@ -40,10 +47,7 @@ STRUCTURES: dict[str, tuple[Callable, Callable, Callable]] = {
         partial(S.dense_delta_toeplitz_product, symmetric=True),
         lambda p, q, b: [(p, q, b)] * 2,
     ),
-    **{
-        f"ldr_k{k}": (S.ldr_apply, S.dense_delta_ldr, lambda p, q, b, k=k: [(p, q, k, b)] * 2)
-        for k in (1, 2, 3)
-    },
+    **{f"ldr_k{k}": (S.ldr_apply, S.dense_delta_ldr, lambda p, q, b, k=k: [(p, q, k, b)] * 2) for k in (1, 2, 3)},
 }
 
 # dtype → (relative tolerance, dtype of the reference)
@@ -129,7 +133,8 @@ def test_float32_parameters_with_bfloat16_input():
 
 @pytest.mark.parametrize("b", [1, 4, 5, 7])
 def test_dense_blocks_match_loop_definitions(b):
-    """The gather-built references against entry-by-entry loops over the definitions in the module docstring."""
+    """The gather-built dense forms, and the test references of ``cases.py``, against entry-by-entry loops over
+    the definitions in the module docstring."""
     c, t, ts = random(b, seed=0), random(2 * b - 1, seed=1), random(b, seed=2)
     circ, skew, toep, sym = (torch.zeros(b, b, dtype=torch.float64) for _ in range(4))
     for r in range(b):
@@ -146,6 +151,15 @@ def test_dense_blocks_match_loop_definitions(b):
     transposed = t.flip(0).view(one)  # T(reversed t) = T(t)ᵀ
     torch.testing.assert_close(S.dense_delta_toeplitz_product(t.view(one), transposed), toep @ toep.t())
     torch.testing.assert_close(S.dense_delta_ldr(c.view(1, 1, 1, b), c.view(1, 1, 1, b)), circ @ skew)
+    references = {
+        "circulant": (linear_matrix(c, scipy.linalg.circulant), circ),
+        "circulant_by_loops": (linear_matrix(c, circulant_by_loops), circ),
+        "skew_circulant_by_loops": (linear_matrix(c, skew_circulant_by_loops), skew),
+        "general_toeplitz": (linear_matrix(t, general_toeplitz), toep),
+        "symmetric_toeplitz": (linear_matrix(ts, scipy.linalg.toeplitz), sym),
+    }
+    for name, (reference, definition) in references.items():
+        assert torch.equal(reference, definition), name
 
 
 def test_blocks_to_dense_places_block_ij_at_row_i_col_j():

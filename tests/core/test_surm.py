@@ -10,6 +10,7 @@ from peft import C3AConfig, get_peft_model
 
 import slimtune as st
 from cases import OUTPUT_LAYERS, model_input, model_output, randomize_adapters, tiny_llama, tiny_mlp
+from slimtune.adapters.structures import LDR_DENSE_FROM_TOKENS, STRUCTURES
 from slimtune.functional import structured as S
 
 # (config, trainable parameters of one 30 -> 42 layer, formula)
@@ -35,7 +36,7 @@ def test_parameter_count_per_layer_matches_the_formula(config, expected, formula
 def test_default_block_size_is_each_layers_gcd():
     model = st.get_adapted_model(tiny_llama(), st.SurmConfig(structure="circulant"))
     for _, layer in st.adapted_layers(model):
-        c = layer.adapters["default"].operator.c_a
+        c = layer.adapter("default").operator.c_a
         assert c.shape[-1] == torch.gcd(torch.tensor(layer.d_in), torch.tensor(layer.d_out)).item()
 
 
@@ -94,13 +95,15 @@ def test_block_circulant_matches_peft_c3a(kind):
         for name, layer in st.adapted_layers(slim_model):
             kernel = peft_kernels[name]
             kernel.copy_(torch.randn(kernel.shape, generator=generator))
-            operator = layer.adapters["default"].operator
+            operator = layer.adapter("default").operator
             operator.c_a.fill_(1.0)
             operator.c_b.copy_(S.c3a_kernel_to_circulant(kernel, layer.d_in))
             peft_layer = peft_model.base_model.model.get_submodule(name)
             torch.testing.assert_close(
-                layer.adapters["default"].delta_weight(layer.base_weight()), peft_layer.get_delta_weight("default"),
-                rtol=1e-5, atol=1e-6,
+                layer.adapter("default").delta_weight(layer.base_weight()),
+                peft_layer.get_delta_weight("default"),
+                rtol=1e-5,
+                atol=1e-6,
             )
     inputs = model_input(base)
     torch.testing.assert_close(model_output(slim_model, inputs), model_output(peft_model, inputs), rtol=1e-5, atol=1e-5)
@@ -108,16 +111,29 @@ def test_block_circulant_matches_peft_c3a(kind):
 
 def test_adapter_mode_sits_after_the_layer_output():
     """out = h + act(M h) + bias with h the base layer's output: checked against explicit algebra."""
-    model = st.get_adapted_model(
-        tiny_mlp(), st.SurmAdapterConfig(structure="kronecker", r=6, activation="silu", target_modules=OUTPUT_LAYERS)
-    )
+    config = st.SurmAdapterConfig(structure="kronecker", r=6, activation="silu", target_modules=OUTPUT_LAYERS)
+    model = st.get_adapted_model(tiny_mlp(), config)
     randomize_adapters(model)
     layer = dict(st.adapted_layers(model))["fc2"]
-    adapter = layer.adapters["default"]
+    adapter = layer.adapter("default")
     x = torch.randn(5, 42)
     h = layer.base_layer(x)
-    m = adapter.operator.dense(torch.float32)
+    m = torch.kron(adapter.operator.kron_b, adapter.operator.kron_a) * config.alpha / config.r
     torch.testing.assert_close(layer(x), h + torch.nn.functional.silu(h @ m.t()) + adapter.bias)
+
+
+def test_the_activation_chooses_an_affine_or_a_non_linear_adapter_class():
+    """Mergeability is a class attribute: the config names the class, so no model is needed to know it."""
+    affine = st.SurmAdapterConfig(activation="identity").adapter_class
+    assert affine.supports_merge and issubclass(affine, st.Adapter)
+    for activation in ("relu", "gelu", "silu"):
+        assert not st.SurmAdapterConfig(activation=activation).adapter_class.supports_merge
+
+
+def test_every_structure_is_a_registered_class():
+    assert tuple(STRUCTURES) == ("circulant", "toeplitz", "toeplitz_symmetric", "toeplitz_product", "kronecker", "ldr")
+    with pytest.raises(st.ConfigError, match=r"structure='hankel' is not allowed: expected one of \['circulant'"):
+        st.SurmConfig(structure="hankel")
 
 
 def test_merging_the_identity_adapter_into_a_bias_free_layer_adds_then_removes_a_bias():
@@ -139,8 +155,6 @@ def test_merging_the_identity_adapter_into_a_bias_free_layer_adds_then_removes_a
 
 def test_ldr_many_token_path_equals_the_per_token_fft_path():
     """From LDR_DENSE_FROM_TOKENS tokens on the layer forms ΔW once; outputs and gradients match the FFT form."""
-    from slimtune.adapters.surm import LDR_DENSE_FROM_TOKENS
-
     model = st.get_adapted_model(tiny_mlp(), st.SurmConfig(structure="ldr", block_size=6, displacement_rank=2))
     randomize_adapters(model)
     layer = dict(st.adapted_layers(model))["fc1"]

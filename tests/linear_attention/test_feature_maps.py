@@ -74,9 +74,7 @@ def test_dijiang_matches_formula(m):
 def test_dijiang_buffers_parameters_and_init():
     fmap = DiJiangFeatureMap(D, H, 2 * D + 3)
     rows = np.arange(2 * D + 3) % D
-    np.testing.assert_allclose(
-        fmap.dct_rows.numpy(), scipy.fft.dct(np.eye(D), axis=0, norm="ortho")[rows], atol=1e-6
-    )
+    np.testing.assert_allclose(fmap.dct_rows.numpy(), scipy.fft.dct(np.eye(D), axis=0, norm="ortho")[rows], atol=1e-6)
     assert [name for name, _ in fmap.named_parameters()] == ["weight"]
     torch.testing.assert_close(fmap.weight.data, torch.full((H, 2 * D + 3), (2 * D + 3) ** -0.5))
     assert set(fmap.state_dict()) == {"weight", "dct_rows", "freqs"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_linearize import TINY, token_blocks
 from transformers import DynamicCache
 
 from slimtune.errors import ConfigError
@@ -18,7 +19,6 @@ from slimtune.linear_attention import (
     linear_attention_parameters,
     linearize,
 )
-from test_linearize import TINY, token_blocks
 
 CONFIGS = {
     "default": LinearizeConfig(),

@@ -8,7 +8,10 @@ with GQA (4 query / 2 key-value heads, head_dim 12), GPT-NeoX with partial RoPE 
 from __future__ import annotations
 
 import copy
+import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,9 +29,9 @@ from slimtune.linear_attention import (
     load_linearized,
     save_linearized,
 )
+from slimtune.training import METRICS_FILE, TrainResult, evaluate_lm
+from slimtune.training.checkpoint import checkpoint_root
 from slimtune.training.recovery import attention_mse, attention_transfer, finetune
-from slimtune.training.recovery import _teacher_forcing
-from slimtune.training import evaluate_lm
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "query_key_value", "dense", "c_attn", "c_proj"]
 
@@ -39,8 +42,14 @@ def tiny_qwen2(seed: int = 0) -> nn.Module:
 
     torch.manual_seed(seed)
     config = Qwen2Config(
-        vocab_size=101, hidden_size=48, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+        vocab_size=101,
+        hidden_size=48,
+        intermediate_size=72,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
     )
     return Qwen2ForCausalLM(config).eval()
 
@@ -51,8 +60,15 @@ def tiny_mistral(seed: int = 0) -> nn.Module:
 
     torch.manual_seed(seed)
     config = MistralConfig(
-        vocab_size=101, hidden_size=48, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, sliding_window=8, tie_word_embeddings=False,
+        vocab_size=101,
+        hidden_size=48,
+        intermediate_size=72,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        sliding_window=8,
+        tie_word_embeddings=False,
     )
     return MistralForCausalLM(config).eval()
 
@@ -63,8 +79,13 @@ def tiny_neox(seed: int = 0) -> nn.Module:
 
     torch.manual_seed(seed)
     config = GPTNeoXConfig(
-        vocab_size=101, hidden_size=48, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
-        rotary_pct=0.5, max_position_embeddings=64,
+        vocab_size=101,
+        hidden_size=48,
+        intermediate_size=72,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        rotary_pct=0.5,
+        max_position_embeddings=64,
     )
     return GPTNeoXForCausalLM(config).eval()
 
@@ -126,8 +147,16 @@ def test_positional_arguments_follow_the_replaced_signature():
 def test_unknown_architecture_names_the_attention_class_and_the_supported_ones():
     from transformers import BertConfig, BertLMHeadModel
 
-    bert = BertLMHeadModel(BertConfig(vocab_size=50, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
-                                      intermediate_size=30, is_decoder=True))
+    bert = BertLMHeadModel(
+        BertConfig(
+            vocab_size=50,
+            hidden_size=24,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=30,
+            is_decoder=True,
+        )
+    )
     with pytest.raises(ConfigError, match=r"BertSelfAttention.*supported: \['GPT2Attention', 'GPTNeoXAttention'"):
         linearize(bert)
     with pytest.raises(ConfigError, match="attention classes found: none"):
@@ -144,9 +173,23 @@ def test_a_model_is_linearised_once_and_the_config_is_checked():
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("feature_map", "cosformer"), ("m", 0), ("m", 2.0), ("op", "flash"), ("chunk_size", 0), ("decay", 1),
-     ("normalize", "yes"), ("output_gate", None), ("share_feature_map", 0), ("seed", -1), ("window", -1),
-     ("window", 2.0), ("sink_tokens", -1), ("window_mix", 0.0), ("window_mix", float("nan"))],
+    [
+        ("feature_map", "cosformer"),
+        ("m", 0),
+        ("m", 2.0),
+        ("op", "flash"),
+        ("chunk_size", 0),
+        ("decay", 1),
+        ("normalize", "yes"),
+        ("output_gate", None),
+        ("share_feature_map", 0),
+        ("seed", -1),
+        ("window", -1),
+        ("window", 2.0),
+        ("sink_tokens", -1),
+        ("window_mix", 0.0),
+        ("window_mix", float("nan")),
+    ],
 )
 def test_config_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ConfigError, match=f"{field}={value!r} is not allowed"):
@@ -178,16 +221,54 @@ def test_every_op_gives_the_same_logits(arch, window):
     torch.testing.assert_close(logits["recurrent"], logits["reference"], rtol=1e-5, atol=1e-5)
 
 
+def perturbed_hedgehog(arch: str) -> nn.Module:
+    """``TINY[arch]`` linearised with Hedgehog feature maps, the added parameters moved off their initial values so
+    that every layer's linear output differs clearly from its softmax one."""
+    model = linearize(TINY[arch](), LinearizeConfig(feature_map="hedgehog"))
+    with torch.no_grad():
+        for i, p in enumerate(linear_attention_parameters(model)):
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.3)
+    return model
+
+
+def reference_layer_mse(arch: str, model: nn.Module, ids: torch.Tensor) -> list[float]:
+    """Per layer of the linearised ``model``, written out without its teacher forcing: run the original model
+    ``TINY[arch]`` on ``ids`` [B, T], give each layer's LinearAttention the arguments its softmax attention got
+    there, and take the mean squared difference of the two outputs [B, T, D] (in float64)."""
+    seen: dict[str, tuple] = {}
+
+    def keep(module: nn.Module, args: tuple, kwargs: dict, output: tuple) -> None:
+        seen[names[module]] = (args, kwargs, output[0])
+
+    original = TINY[arch]()
+    names = {module: name for name, module in attention_modules(original).items()}
+    for module in names:
+        module.register_forward_hook(keep, with_kwargs=True)
+    layers = dict(linear_attention_layers(model))
+    with torch.no_grad():
+        original(ids, use_cache=False)
+        outputs = {name: layers[name](*args, **kwargs)[0] for name, (args, kwargs, _) in seen.items()}
+    return [((outputs[name].double() - target.double()) ** 2).mean().item() for name, (*_, target) in seen.items()]
+
+
 @pytest.mark.parametrize("arch", sorted(TINY))
-def test_teacher_forcing_runs_the_original_softmax_attention(arch):
-    ids = token_blocks(2, 11)
-    expected = TINY[arch]().base_model(ids, use_cache=False).last_hidden_state
-    model = linearize(TINY[arch]())
-    with _teacher_forcing(model) as losses:
-        actual = model.base_model(ids, use_cache=False).last_hidden_state
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
-    assert len(losses) == 2 and all(0 < loss.item() < math.inf for loss in losses)
-    assert len(attention_mse(model, ids)) == 2 and not list(model._forward_hooks)
+def test_attention_mse_matches_a_hand_written_reference_and_leaves_the_model_as_it_was(arch):
+    ids = token_blocks(3, 11)
+    model = perturbed_hedgehog(arch)
+    logits = model(ids, use_cache=False).logits
+    expected = reference_layer_mse(arch, model, ids)
+    assert len(expected) == 2 and min(expected) > 0
+    assert attention_mse(model, ids, batch_size=2) == pytest.approx(expected, rel=1e-5)
+    assert torch.equal(model(ids, use_cache=False).logits, logits)  # no hook left behind
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_the_transfer_loss_is_the_summed_layer_mse_of_the_blocks_taken_in_order(arch):
+    ids = token_blocks(5, 13)
+    model = perturbed_hedgehog(arch)
+    expected = [sum(reference_layer_mse(arch, model, ids[rows])) for rows in ([0, 1], [2, 3], [4, 0])]
+    result = attention_transfer(model, ids, steps=3, batch_size=2, lr=1e-9, progress=False)  # lr: weights stay
+    assert result.losses == pytest.approx(expected, rel=1e-5)
 
 
 def test_attention_transfer_reduces_the_mse_and_trains_only_the_new_parameters():
@@ -213,14 +294,43 @@ def test_attention_transfer_needs_parameters_to_train():
         attention_transfer(linearize(tiny_llama()), token_blocks(), steps=0, batch_size=1, lr=1e-3)
 
 
+def test_attention_transfer_logs_checkpoints_and_resumes_exactly(tmp_path):
+    def transfer(model: nn.Module, output_dir: Path, **options) -> TrainResult:
+        return attention_transfer(
+            model,
+            token_blocks(),
+            steps=4,
+            batch_size=3,
+            lr=2e-2,
+            progress=False,
+            output_dir=str(output_dir),
+            checkpoint_every=2,
+            **options,
+        )
+
+    whole = linearize(tiny_llama(), LinearizeConfig(feature_map="hedgehog"))
+    result = transfer(whole, tmp_path / "whole")
+    lines = [json.loads(line) for line in (tmp_path / "whole" / METRICS_FILE).read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4] and [line["loss"] for line in lines] == result.losses
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    shutil.rmtree(checkpoint_root(tmp_path / "cut") / "step-000004")  # as if killed before step 4's checkpoint
+    resumed = linearize(tiny_llama(), LinearizeConfig(feature_map="hedgehog"))
+    again = transfer(resumed, tmp_path / "cut", resume=True)
+    assert again.start_step == 2 and again.losses == result.losses[2:]
+    expected = linear_attention_parameters(whole)
+    assert all(torch.equal(p, expected[i]) for i, p in enumerate(linear_attention_parameters(resumed)))
+    assert all(p.requires_grad for p in resumed.parameters()) and not resumed.training
+
+
 @pytest.mark.parametrize("arch", ["llama", "neox"])
 def test_converted_model_learns_with_an_adapter(arch):
     model = linearize(TINY[arch]())
     data = token_blocks(4, 16)
     before = evaluate_lm(model, data)
     targets = [t for t in LORA_TARGETS if t in PROJECTIONS[arch]]
-    model, result = finetune(model, data, steps=30, batch_size=2, lr=1e-2,
-                             adapter=st.LoraConfig(r=4, target_modules=targets), progress=False)
+    model, _ = finetune(
+        model, data, steps=30, batch_size=2, lr=1e-2, adapter=st.LoraConfig(r=4, target_modules=targets), progress=False
+    )
     assert evaluate_lm(model, data) < before - 0.2
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert {id(p) for p in linear_attention_parameters(model)} < trainable
@@ -252,7 +362,7 @@ def test_load_refuses_a_mismatch_and_leaves_the_model_unchanged(tmp_path):
     with pytest.raises(AdapterFileError, match=r"do not fit this model; missing: \['transformer.h.0.attn"):
         load_linearized(other, tmp_path)
     assert not list(linear_attention_layers(other)) and not hasattr(other, "slimtune_linearize_config")
-    with pytest.raises(AdapterFileError, match="cannot read a linear-attention config"):
+    with pytest.raises(AdapterFileError, match=r"linear_attention_config\.json does not exist"):
         load_linearized(tiny_llama(), tmp_path / "missing")
     (tmp_path / "linear_attention.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(AdapterFileError, match="cannot read the saved tensors"):
@@ -275,8 +385,15 @@ def test_smollm2_recovery_improves_perplexity_over_the_untrained_conversion():
     untrained = math.exp(evaluate_lm(model, held_out))
     attention_transfer(model, train, steps=12, batch_size=2, lr=5e-2, progress=False)
     transferred = math.exp(evaluate_lm(model, held_out))
-    model, _ = finetune(model, train[24:], steps=12, batch_size=2, lr=1e-3, warmup=2,
-                        adapter=st.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
-                        progress=False)
+    model, _ = finetune(
+        model,
+        train[24:],
+        steps=12,
+        batch_size=2,
+        lr=1e-3,
+        warmup=2,
+        adapter=st.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        progress=False,
+    )
     finetuned = math.exp(evaluate_lm(model, held_out))
     assert transferred < untrained and finetuned < transferred, (untrained, transferred, finetuned)

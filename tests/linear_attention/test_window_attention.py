@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_linearize import TINY, token_blocks
 
 from slimtune.errors import ConfigError, ShapeError
 from slimtune.linear_attention import LinearizeConfig, linear_attention_recurrent, linearize
@@ -16,7 +17,6 @@ from slimtune.linear_attention.window import (
     sliding_window_linear_attention,
     sliding_window_linear_attention_reference,
 )
-from test_linearize import TINY, token_blocks
 
 
 def inputs(b=2, h=3, t=37, d=8, m=6, d_v=5, dtype=torch.float64, seed=0):
@@ -42,8 +42,14 @@ def padded(b: int, t: int, pads: int) -> torch.Tensor:
 @pytest.mark.parametrize("decay", [False, True], ids=["nodecay", "decay"])
 def test_blocked_form_matches_the_reference_float64(window, sinks, t, decay):
     q, k, v, fq, fk, mix, log_decay = inputs(t=t)
-    kw = {"window": window, "sinks": sinks, "scale": 0.3, "mix": mix, "log_decay": log_decay if decay else None,
-          "valid": padded(2, t, min(4, t - 1))}
+    kw = {
+        "window": window,
+        "sinks": sinks,
+        "scale": 0.3,
+        "mix": mix,
+        "log_decay": log_decay if decay else None,
+        "valid": padded(2, t, min(4, t - 1)),
+    }
     expected = sliding_window_linear_attention_reference(q, k, v, fq, fk, **kw)
     got, state = sliding_window_linear_attention(q, k, v, fq, fk, **kw, chunk_size=4)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
@@ -74,8 +80,15 @@ def test_pieces_and_token_steps_equal_one_call(pieces):
         part = slice(start, start + size)
         op = {"linear_op": linear_attention_recurrent} if size == 1 else {"chunk_size": 3}
         out, state = sliding_window_linear_attention(
-            q[:, :, part], k[:, :, part], v[:, :, part], fq[:, :, part], fk[:, :, part],
-            valid=valid[:, part], initial_state=state, **kw, **op,
+            q[:, :, part],
+            k[:, :, part],
+            v[:, :, part],
+            fq[:, :, part],
+            fk[:, :, part],
+            valid=valid[:, part],
+            initial_state=state,
+            **kw,
+            **op,
         )
         outs.append(out)
         start += size
@@ -91,8 +104,19 @@ def test_a_window_covering_the_sequence_is_causal_softmax_attention():
 
 def test_without_the_linear_part_it_is_softmax_over_the_window_and_the_sinks():
     q, k, v, fq, fk, _, log_decay = inputs(t=30, d_v=8)
-    out, _ = sliding_window_linear_attention(q, k, v, fq, fk, window=6, sinks=2, scale=0.35,
-                                             mix=torch.zeros(3, dtype=torch.float64), log_decay=log_decay, eps=0.0)
+    out, _ = sliding_window_linear_attention(
+        q,
+        k,
+        v,
+        fq,
+        fk,
+        window=6,
+        sinks=2,
+        scale=0.35,
+        mix=torch.zeros(3, dtype=torch.float64),
+        log_decay=log_decay,
+        eps=0.0,
+    )
     i, j = torch.arange(30)[:, None], torch.arange(30)[None, :]
     visible = (j <= i) & ((i - j < 6) | (j < 2))
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=0.35)
@@ -114,7 +138,16 @@ def test_low_precision_inputs_against_the_float64_reference(dtype):
 def test_32k_tokens_stay_finite_in_bfloat16():
     q, k, v, fq, fk, mix, _ = inputs(b=1, h=2, t=32768, d=8, m=4, d_v=4, dtype=torch.bfloat16)
     out, state = sliding_window_linear_attention(
-        q * 4, k * 4, v, fq * 30, fk * 30, window=64, sinks=4, scale=1.0, mix=mix.float(), log_decay=None,
+        q * 4,
+        k * 4,
+        v,
+        fq * 30,
+        fk * 30,
+        window=64,
+        sinks=4,
+        scale=1.0,
+        mix=mix.float(),
+        log_decay=None,
         chunk_size=256,
     )
     assert out.isfinite().all() and state.linear.S.isfinite().all() and state.seen == 32768

@@ -1,9 +1,10 @@
-"""Faults during training: SIGKILL at random moments, a full disk while checkpointing, NaN in a gradient.
+"""Faults during training: SIGKILL at random moments, a full disk while checkpointing, a death while pruning.
 
 Kills: the run of ``train_script.py`` (a tiny Llama with dropout and shuffled data, a checkpoint after every step)
 is killed with SIGKILL at a moment drawn from a seeded RNG (a step, then 0-40 ms): during a step, an evaluation or
 a checkpoint save. Every ``step-*`` folder left must be complete, and the resumed run must end with exactly the
 weights and losses of an uninterrupted run. The default suite kills at 3 seeds; ``-m slow`` at 12 more.
+(A NaN loss or gradient: test_nan_stop.py.)
 """
 
 from __future__ import annotations
@@ -21,13 +22,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import slimtune as st
 import slimtune.training.checkpoint
 import slimtune.training.loop
-from cases import tiny_llama
+from slimtune.training import METRICS_FILE
 from slimtune.training.checkpoint import checkpoint_problem, checkpoint_root, latest_checkpoint
-from slimtune.training import METRICS_FILE, TrainConfig, train
-from train_script import run_training, token_blocks
+from train_script import run_training
 
 SCRIPT = Path(__file__).parents[1] / "train_script.py"
 STEPS = 24
@@ -61,10 +60,11 @@ def kill_at_random(output_dir: Path, seed: int) -> int:
     """
     rng = random.Random(seed)
     after_step, delay = rng.randint(1, STEPS - 4), rng.uniform(0.0, 0.04)
-    command = [sys.executable, str(SCRIPT), "--output-dir", str(output_dir), "--steps", str(STEPS),
-               "--checkpoint-every", "1", "--dropout", "0.1"]
-    victim = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    settings = ["--steps", str(STEPS), "--checkpoint-every", "1", "--dropout", "0.1"]
+    command = [sys.executable, str(SCRIPT), "--output-dir", str(output_dir), *settings]
+    victim = subprocess.Popen(
+        command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 240
     while len(logged_steps(output_dir)) < after_step:
         assert victim.poll() is None and time.monotonic() < deadline, "the run ended before the kill"
@@ -105,7 +105,8 @@ def test_more_random_kill_moments(tmp_path, seed, uninterrupted):
 
 
 def fail_when_writing(monkeypatch, module_attribute: str, step_folder: str) -> None:
-    """Make ``slimtune.training.checkpoint.<module_attribute>`` raise ENOSPC for files inside ``step_folder``'s temporary."""
+    """Make ``slimtune.training.checkpoint.<module_attribute>`` raise ENOSPC for files inside ``step_folder``'s
+    temporary folder."""
     owner, _, name = module_attribute.rpartition(".")
     target = slimtune.training.checkpoint
     for part in filter(None, owner.split(".")):
@@ -138,33 +139,6 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_resumable(tmp_pa
     model, result = run_training(tmp_path / "full", steps=6, checkpoint_every=2, resume=True)
     assert result.start_step == 2
     assert all(torch.equal(p, trainable(expected)[n]) for n, p in trainable(model).items())
-
-
-def nan_gradient_at(parameter: torch.nn.Parameter, backward_call: int) -> None:
-    """Make the gradient reaching ``parameter`` NaN on its ``backward_call``-th backward (0-based)."""
-    calls = {"n": 0}
-
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        calls["n"] += 1
-        return torch.full_like(grad, float("nan")) if calls["n"] - 1 == backward_call else grad
-
-    parameter.register_hook(hook)
-
-
-@pytest.mark.parametrize("max_grad_norm", [None, 1.0])
-def test_a_nan_gradient_stops_before_the_step_and_names_the_last_checkpoint(tmp_path, max_grad_norm):
-    model = st.get_adapted_model(tiny_llama(), st.LoraConfig(r=4, alpha=8.0))
-    nan_gradient_at(model.model.layers[1].self_attn.v_proj.adapters["default"].lora_B, backward_call=3)
-    seen: dict[int, dict[str, torch.Tensor]] = {}
-    config = TrainConfig(steps=6, lr=1e-2, progress=False, output_dir=str(tmp_path), checkpoint_every=2,
-                         max_grad_norm=max_grad_norm)
-    with pytest.raises(FloatingPointError) as info:
-        train(model, token_blocks(12, seed=0), config, on_step=lambda record: seen.update({record["step"]: trainable(model)}))
-    message = str(info.value)
-    assert "the gradient norm is nan at step 3" in message
-    assert f"the last good checkpoint is {checkpoint_root(tmp_path) / 'step-000002'}" in message
-    assert all(torch.equal(p, seen[3][name]) for name, p in trainable(model).items())
-    assert all(p.grad is None for p in model.parameters())
 
 
 class Killed(BaseException):

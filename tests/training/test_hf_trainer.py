@@ -11,7 +11,9 @@ from cases import tiny_llama
 from train_script import token_blocks
 
 
-@pytest.mark.parametrize("config", [st.LoraConfig(r=4, alpha=8.0), st.DishaConfig(r=6, variant="bat_row")], ids=["lora", "bat_row"])
+@pytest.mark.parametrize(
+    "config", [st.LoraConfig(r=4, alpha=8.0), st.DishaConfig(r=6, variant="bat_row")], ids=["lora", "bat_row"]
+)
 def test_trainer_trains_only_the_adapter_and_saves_it(tmp_path, config):
     torch.manual_seed(0)
     model = st.get_adapted_model(tiny_llama(), config)
@@ -19,8 +21,16 @@ def test_trainer_trains_only_the_adapter_and_saves_it(tmp_path, config):
     blocks = token_blocks(16, seed=0)
     dataset = [{"input_ids": block, "labels": block} for block in blocks]
     args = TrainingArguments(
-        output_dir=str(tmp_path / "trainer"), max_steps=30, per_device_train_batch_size=4, learning_rate=1e-2,
-        logging_steps=5, save_strategy="no", report_to="none", disable_tqdm=True, seed=0, dataloader_pin_memory=False,
+        output_dir=str(tmp_path / "trainer"),
+        max_steps=30,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=5,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
+        dataloader_pin_memory=False,
     )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -1,4 +1,5 @@
-"""Two processes (DDP over gloo on CPU, launched by ``accelerate launch``) train as one process with the same global batch.
+"""Two processes (DDP over gloo on CPU, launched by ``accelerate launch``) train as one process with the same global
+batch.
 
 accelerate 1.15 starts a single process for ``accelerate launch --cpu --num_processes 2`` unless ``mpirun`` is
 used (its simple launcher runs the script once), so the tests launch through torchrun with ``--multi_gpu`` and
@@ -29,18 +30,18 @@ def launch_two(*command: str) -> list[str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    return [
-        sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-        *command,
-    ]
+    launch = ["launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    cli = [sys.executable, "-m", "accelerate.commands.accelerate_cli", *launch, "--dynamo_backend", "no"]
+    return [*cli, "--main_process_port", str(port), *command]
 
 
 def run_together(commands: dict[str, list[str]]) -> None:
     """Run the commands at the same time (one thread each; gloo on CPU for the launched ones); all must succeed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     processes = {
-        name: subprocess.Popen([str(arg) for arg in command], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        name: subprocess.Popen(
+            [str(arg) for arg in command], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         for name, command in commands.items()
     }
     for process in processes.values():
@@ -56,13 +57,15 @@ def assert_same_tensors(first: dict[str, torch.Tensor], second: dict[str, torch.
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     def options(name: str) -> list[str]:
-        return ["--steps", "6", "--checkpoint-every", "3", "--output-dir", tmp_path / name,
-                "--weights", tmp_path / f"{name}.safetensors", "--report", tmp_path / f"{name}.json"]
+        files = ["--output-dir", tmp_path / name, "--weights", tmp_path / f"{name}.safetensors"]
+        return ["--steps", "6", "--checkpoint-every", "3", *files, "--report", tmp_path / f"{name}.json"]
 
-    run_together({
-        "two": launch_two(str(SCRIPT), "--batch-size", "1", "--grad-accum", "2", *options("two")),
-        "one": [sys.executable, SCRIPT, "--batch-size", "4", *options("one")],
-    })
+    run_together(
+        {
+            "two": launch_two(str(SCRIPT), "--batch-size", "1", "--grad-accum", "2", *options("two")),
+            "one": [sys.executable, SCRIPT, "--batch-size", "4", *options("one")],
+        }
+    )
     reports = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in ("two", "one")}
     assert reports["two"]["num_processes"] == 2 and reports["one"]["num_processes"] == 1
     assert reports["two"]["losses"] == pytest.approx(reports["one"]["losses"], rel=1e-5)
@@ -76,14 +79,19 @@ def test_finetune_command_under_accelerate_launch(tmp_path):
     folder = save_tiny_folder(tmp_path / "tiny")
     text = tmp_path / "train.txt"
     text.write_text("\n\n".join(f"the cat {i} sat on the mat {i + 1} and the dog ran" for i in range(30)))
-    common = ["finetune", "--model", folder, "--data", text, "--seq-len", "32", "--steps", "4", "--method", "lora",
-              "--r", "4", "--lr", "1e-2", "--checkpoint-every", "2", "--no-progress"]
-    run_together({
-        "two": launch_two("-m", "slimtune", *common, "--batch-size", "1", "--grad-accum", "2", "--output", tmp_path / "two"),
-        "one": [sys.executable, "-m", "slimtune", *common, "--batch-size", "4", "--output", tmp_path / "one"],
-    })
+    settings = ["--seq-len", "32", "--steps", "4", "--method", "lora", "--r", "4", "--lr", "1e-2", "--no-progress"]
+    common = ["finetune", "--model", folder, "--data", text, *settings, "--checkpoint-every", "2"]
+    run_together(
+        {
+            "two": launch_two(
+                "-m", "slimtune", *common, "--batch-size", "1", "--grad-accum", "2", "--output", tmp_path / "two"
+            ),
+            "one": [sys.executable, "-m", "slimtune", *common, "--batch-size", "4", "--output", tmp_path / "one"],
+        }
+    )
     adapters = [load_file(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in ("one", "two")]
     assert_same_tensors(*adapters)
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "step-000004").glob("rng-rank*.json")) == [
-        "rng-rank0.json", "rng-rank1.json"
+        "rng-rank0.json",
+        "rng-rank1.json",
     ]

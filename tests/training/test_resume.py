@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 
 import slimtune as st
 from cases import tiny_llama
-from slimtune.training.checkpoint import checkpoint_problem, checkpoint_root, latest_checkpoint
 from slimtune.training import METRICS_FILE, TrainConfig, train
+from slimtune.training.checkpoint import checkpoint_problem, checkpoint_root, latest_checkpoint
 from train_script import token_blocks
 
 SCRIPT = Path(__file__).parents[1] / "train_script.py"
@@ -32,8 +32,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def start(output_dir: Path, *extra: str) -> subprocess.Popen:
-    command = [sys.executable, str(SCRIPT), "--output-dir", str(output_dir), "--steps", "8", "--checkpoint-every", "3",
-               "--dropout", "0.1", *extra]
+    settings = ["--steps", "8", "--checkpoint-every", "3", "--dropout", "0.1"]
+    command = [sys.executable, str(SCRIPT), "--output-dir", str(output_dir), *settings, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -56,7 +56,8 @@ def test_killed_and_resumed_run_ends_with_the_uninterrupted_weights(tmp_path):
     assert victim.returncode == -signal.SIGKILL
     assert latest_checkpoint(checkpoint_root(killed)).name == "step-000003"
 
-    finish(start(killed, "--resume", "--weights", str(tmp_path / "resumed.safetensors"), "--report", str(tmp_path / "r.json")))
+    resume = ["--resume", "--weights", str(tmp_path / "resumed.safetensors"), "--report", str(tmp_path / "r.json")]
+    finish(start(killed, *resume))
     finish(uninterrupted)
     assert json.loads((tmp_path / "r.json").read_text())["start_step"] == 3
     expected, resumed = load_file(tmp_path / "whole.safetensors"), load_file(tmp_path / "resumed.safetensors")
@@ -73,8 +74,8 @@ def adapted() -> torch.nn.Module:
 
 
 def config(output_dir: Path, **settings) -> TrainConfig:
-    return TrainConfig(**{"steps": 6, "lr": 1e-2, "seed": 2, "progress": False, "output_dir": str(output_dir),
-                          "checkpoint_every": 2, "keep_checkpoints": 3, **settings})
+    defaults = {"steps": 6, "lr": 1e-2, "seed": 2, "progress": False, "checkpoint_every": 2, "keep_checkpoints": 3}
+    return TrainConfig(**{**defaults, "output_dir": str(output_dir), **settings})
 
 
 def test_half_written_checkpoints_are_skipped(tmp_path, caplog):

@@ -1,4 +1,5 @@
-"""slimtune.training.train: accumulation equivalence, schedule, evaluation, the JSONL log, data order, NaN stop."""
+"""slimtune.training.train: accumulation equivalence, schedule, evaluation, the JSONL log, data order, the loss
+function and the mode it trains in. (A NaN stop: test_nan_stop.py.)"""
 
 from __future__ import annotations
 
@@ -10,11 +11,10 @@ import torch
 
 import slimtune as st
 from cases import tiny_llama
-from slimtune.training.checkpoint import checkpoint_root, decode, encode, latest_checkpoint
-from slimtune.training import METRICS_FILE, TrainConfig, cosine_with_warmup, evaluate_lm, train
+from slimtune.training import METRICS_FILE, TrainConfig, causal_lm_loss, cosine_with_warmup, evaluate_lm, train
+from slimtune.training.checkpoint import decode, encode
 from slimtune.training.order import BlockOrder
 from train_script import token_blocks
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,7 +29,9 @@ def trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def run(tmp_path=None, steps: int = 4, eval_blocks=None, on_step=None, **settings) -> tuple[torch.nn.Module, object]:
     model = adapted()
-    config = TrainConfig(steps=steps, lr=1e-2, seed=1, progress=False, output_dir=tmp_path and str(tmp_path), **settings)
+    config = TrainConfig(
+        steps=steps, lr=1e-2, seed=1, progress=False, output_dir=tmp_path and str(tmp_path), **settings
+    )
     return model, train(model, token_blocks(12, seed=0), config, eval_blocks, on_step)
 
 
@@ -76,9 +78,38 @@ def test_periodic_evaluation_and_jsonl_log(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3, 4, 5]
     assert [line["loss"] for line in lines] == result.losses
-    assert [line.get("eval_loss") for line in lines] == [None, result.eval_losses[2], None, result.eval_losses[4], result.eval_losses[5]]
+    assert [line.get("eval_loss") for line in lines] == [
+        None,
+        result.eval_losses[2],
+        None,
+        result.eval_losses[4],
+        result.eval_losses[5],
+    ]
     assert {"lr", "epoch", "step_seconds"} <= set(lines[0])
     assert result.tokens == 5 * 2 * 16 and len(result.step_seconds) == 5
+
+
+def test_a_loss_function_gets_the_blocks_in_order_in_the_mode_asked_for_and_is_also_what_is_evaluated():
+    seen: list[tuple[list[list[int]], bool]] = []
+
+    def twice_the_lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        seen.append((batch.tolist(), model.training))
+        return 2 * causal_lm_loss(model, batch)
+
+    blocks, held_out = token_blocks(5, seed=0), token_blocks(3, seed=2)
+    model = adapted(dropout=0.3)
+    with torch.no_grad():
+        first = 2 * causal_lm_loss(model.eval(), blocks[:2]).item()  # eval mode: no dropout
+    config = TrainConfig(steps=3, batch_size=2, lr=1e-2, shuffle=False, eval_every=3, eval_batch_size=2, progress=False)
+    result = train(model, blocks, config, held_out, loss_fn=twice_the_lm_loss, train_mode=False)
+    assert [batch for batch, _ in seen[:3]] == [blocks[rows].tolist() for rows in ([0, 1], [2, 3], [4, 0])]
+    assert [batch for batch, _ in seen[3:]] == [held_out[:2].tolist(), held_out[2:].tolist()]
+    assert not any(training for _, training in seen) and not model.training
+    assert result.losses[0] == pytest.approx(first, rel=1e-6)
+    assert result.eval_losses[3] == pytest.approx(2 * evaluate_lm(model, held_out), rel=1e-6)
+    seen.clear()
+    train(model, blocks, TrainConfig(steps=1, progress=False), loss_fn=twice_the_lm_loss)
+    assert [training for _, training in seen] == [True] and model.training
 
 
 def test_block_order_is_a_permutation_per_epoch_and_depends_only_on_the_position():
@@ -88,25 +119,6 @@ def test_block_order_is_a_permutation_per_epoch_and_depends_only_on_the_position
     assert not torch.equal(epochs[0], epochs[1])
     assert torch.equal(BlockOrder(7, seed=5, shuffle=True).indices(10, 6), epochs.flatten()[10:16])
     assert BlockOrder(7, seed=5, shuffle=False).indices(5, 4).tolist() == [5, 6, 0, 1]
-
-
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    def poison(record: dict) -> None:
-        if record["step"] == 2:  # after step 2's checkpoint: step 3's loss is NaN
-            with torch.no_grad():
-                next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
-
-    model = adapted()
-    config = TrainConfig(steps=6, lr=1e-2, progress=False, output_dir=str(tmp_path), checkpoint_every=2)
-    with pytest.raises(FloatingPointError, match=r"loss is nan at step 2 \(after 2 completed steps; lr=") as error:
-        train(model, token_blocks(12, seed=0), config, on_step=poison)
-    last = latest_checkpoint(checkpoint_root(tmp_path))
-    assert last is not None and last.name == "step-000002" and str(last) in str(error.value)
-    from safetensors.torch import load_file
-
-    assert all(torch.isfinite(t).all() for t in load_file(last / "trainable.safetensors").values())
-    steps = [json.loads(line)["step"] for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
-    assert steps == [1, 2]
 
 
 @pytest.mark.parametrize(

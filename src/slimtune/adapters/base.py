@@ -5,20 +5,23 @@ layer (``nn.Linear`` or GPT-2's ``Conv1D``) and holds any number of named adapte
 
 Semantics with several adapters: the layer computes ``F.linear(x, f_n(... f_1(W)), b)`` where ``W`` is the stored
 base weight (merged adapters included) and ``f_k(W) = W + ΔW_k(W)`` for the active, unmerged adapters in
-activation order. For most methods ``ΔW_k`` does not depend on ``W``, so the order does not matter and the forward
-is ``base(x) + Σ_k delta_k(x)``. Bat's update does depend on ``W`` (``weight_dependent = True``); it may run its
-fused fast path only as the first adapter of the chain, otherwise the layer composes the dense weight.
+activation order. An :class:`AdditiveAdapter`'s ``ΔW_k`` does not depend on ``W``, so the order does not matter
+and the forward is ``base(x) + Σ_k delta_k(x)``. Bat's update does depend on ``W`` (``weight_dependent = True``);
+it may run its fused fast path only as the first adapter of the chain, otherwise the layer composes the dense
+weight. An :class:`OutputAdapter` (SURM's adapter mode) maps the output of everything before it; one that is not
+affine (``supports_merge = False``) must be the last active adapter.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import ClassVar
+from typing import ClassVar, TypedDict, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimtune.config import AdapterConfig
 from slimtune.errors import AdapterNameError, DeviceError, MergeError, ShapeError, TargetModulesError
 
 
@@ -39,46 +42,73 @@ def is_supported_base(module: nn.Module) -> bool:
 
 def base_features(module: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of a supported base layer."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if is_supported_base(module):
-        d_in, d_out = module.weight.shape
-        return d_in, d_out
-    raise TargetModulesError(
-        f"module of type {type(module).__name__} cannot be adapted: allowed types are nn.Linear and "
-        "transformers' Conv1D"
-    )
+    if not is_supported_base(module):
+        raise TargetModulesError(
+            f"module of type {type(module).__name__} cannot be adapted: allowed types are nn.Linear and "
+            "transformers' Conv1D"
+        )
+    d_out, d_in = linear_weight(module).shape
+    return d_in, d_out
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The base weight in ``nn.Linear`` orientation, shape (d_out, d_in) (a view for ``Conv1D``)."""
-    return module.weight if isinstance(module, nn.Linear) else module.weight.t()
+    weight = cast(torch.Tensor, module.weight)
+    return weight if isinstance(module, nn.Linear) else weight.t()
 
 
-def parameter_factory(base_layer: nn.Module) -> dict[str, object]:
+def layer_bias(module: nn.Module) -> torch.Tensor | None:
+    """The base layer's bias (d_out,), or None when it has none."""
+    bias = getattr(module, "bias", None)
+    return bias if isinstance(bias, torch.Tensor) else None
+
+
+class Factory(TypedDict):
+    """Keyword arguments that place a new tensor: ``torch.zeros(shape, **factory)``."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+
+def parameter_factory(base_layer: nn.Module) -> Factory:
     """Device and dtype for new adapter parameters: the base weight's (float32 if it is not floating point)."""
     weight = linear_weight(base_layer)
     dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
     return {"device": weight.device, "dtype": dtype}
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype merges and unmerges compute in: float64 stays float64, bf16/fp16/fp32 compute in float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def input_dropout(p: float) -> nn.Module:
+    """Dropout on an adapter's input (an identity for p = 0)."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 class Adapter(nn.Module, abc.ABC):
     """One method's update on one base layer of shape (d_in → d_out).
 
-    Every adapter gives :meth:`delta_weight` (the dense ΔW, the slow reference, differentiable), the fast
-    :meth:`forward` and the exact inverse :meth:`unmerged_weight`. Class attributes describe capabilities so
-    the shared tests need no per-method branches.
+    Every adapter class is built the same way, ``cls(config, base_layer, module_name)`` (``module_name`` names the
+    layer in error messages), and gives :meth:`delta_weight` (the dense ΔW, the slow form, differentiable), the
+    fast :meth:`forward` and the exact inverse :meth:`unmerged_weight`. Capabilities are class attributes, so a
+    config's ``adapter_class`` tells them without building a model and shared tests need no per-method branches:
+
+    - ``identity_at_init``: a new adapter leaves the layer's output unchanged.
+    - ``supports_merge``: the adapted layer is affine in its input, so the adapter merges into W and b.
+    - ``weight_dependent``: ΔW depends on the base weight W, so the adapter does not commute with others.
+    - ``merge_tolerance``: bound on the relative error of W after a float32 merge and unmerge.
     """
 
     identity_at_init: ClassVar[bool] = True
     supports_merge: ClassVar[bool] = True
-    weight_dependent: ClassVar[bool] = False
-    transforms_output: ClassVar[bool] = False  # True: defines transform_output(y), applied to the layer's output
+    weight_dependent: ClassVar[bool] = True
+    merge_tolerance: ClassVar[float] = 1e-5
 
-    def __init__(self, d_in: int, d_out: int) -> None:
+    def __init__(self, config: AdapterConfig, base_layer: nn.Module, module_name: str) -> None:
         super().__init__()
-        self.d_in = d_in
-        self.d_out = d_out
+        self.d_in, self.d_out = base_features(base_layer)
 
     @property
     def param_dtype(self) -> torch.dtype:
@@ -98,7 +128,7 @@ class Adapter(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`merged_weight`: the base weight from a merged one, (d_out, d_in)."""
+        """Inverse of :meth:`merged_weight`: the base weight from a merged one, (d_out, d_in), in its dtype."""
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """``W + ΔW(W)``: the weight with this adapter merged in, (d_out, d_in), in ``weight``'s dtype."""
@@ -126,6 +156,9 @@ class Adapter(nn.Module, abc.ABC):
 class AdditiveAdapter(Adapter):
     """An adapter whose ΔW does not depend on the base weight: ``y = base(x) + delta(x)``."""
 
+    weight_dependent: ClassVar[bool] = False
+    merge_tolerance: ClassVar[float] = 1e-6
+
     @abc.abstractmethod
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """The update's output ``x @ ΔWᵀ`` without forming ΔW: (..., d_in) → (..., d_out), adapter dtype."""
@@ -136,6 +169,21 @@ class AdditiveAdapter(Adapter):
 
     def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return weight - self.delta_weight(weight)
+
+
+class OutputAdapter(Adapter):
+    """An adapter on the layer's output: ``out = transform_output(h)``, h the output of everything before it.
+
+    When merged, its ΔW is a function of W (for an affine map out = (I + M) h + c: ΔW = M W), so it is
+    weight-dependent.
+    """
+
+    @abc.abstractmethod
+    def transform_output(self, h: torch.Tensor) -> torch.Tensor:
+        """The adapted output from the layer's output: (..., d_out) → (..., d_out), in h's dtype."""
+
+    def forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        return self.transform_output(base_layer(x))
 
 
 class AdaptedLayer(nn.Module):
@@ -157,7 +205,11 @@ class AdaptedLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.adapters_disabled = False
-        self.had_bias = getattr(base_layer, "bias", None) is not None
+        self.had_bias = layer_bias(base_layer) is not None
+
+    def adapter(self, name: str) -> Adapter:
+        """The adapter called ``name`` on this layer."""
+        return cast(Adapter, self.adapters[name])
 
     def add_adapter(self, name: str, adapter: Adapter) -> None:
         if name in self.adapters:
@@ -181,7 +233,7 @@ class AdaptedLayer(nn.Module):
         non-linear activation) can only come last: it transforms the output of everything before it.
         """
         active = [n for n in names if n in self.adapters]
-        blocked = [n for n in active[:-1] if not self.adapters[n].supports_merge]
+        blocked = [n for n in active[:-1] if not self.adapter(n).supports_merge]
         if blocked:
             raise MergeError(
                 f"adapter {blocked[0]!r} is not affine, so it must be the last active adapter of a layer; got the "
@@ -191,7 +243,7 @@ class AdaptedLayer(nn.Module):
 
     def pending_adapters(self) -> list[Adapter]:
         """Active adapters not merged into the weight, in composition order."""
-        return [self.adapters[n] for n in self.active_adapters if n not in self.merged_adapters]
+        return [self.adapter(n) for n in self._pending_names()]
 
     def base_weight(self) -> torch.Tensor:
         """The stored base weight in ``nn.Linear`` orientation, (d_out, d_in)."""
@@ -213,16 +265,23 @@ class AdaptedLayer(nn.Module):
         return self._run(x, adapters)
 
     def _run(self, x: torch.Tensor, adapters: list[Adapter]) -> torch.Tensor:
-        """The chain ``adapters`` on top of the base layer: (..., d_in) → (..., d_out)."""
+        """The chain ``adapters`` on top of the base layer: (..., d_in) → (..., d_out).
+
+        An output adapter last transforms the output of the rest; otherwise the first adapter runs its own fast
+        forward and additive ones after it add their ``delta``; any other adapter after the first needs the dense
+        composition.
+        """
         if not adapters:
             return self.base_layer(x)
-        if adapters[-1].transforms_output:
-            return adapters[-1].transform_output(self._run(x, adapters[:-1]))
+        last = adapters[-1]
+        if isinstance(last, OutputAdapter):
+            return last.transform_output(self._run(x, adapters[:-1]))
         head, rest = adapters[0], adapters[1:]
-        if any(a.weight_dependent for a in rest):
+        additive = [a for a in rest if isinstance(a, AdditiveAdapter)]
+        if len(additive) < len(rest):
             return self._dense_forward(x, adapters)
         y = head(x, self.base_layer)
-        for adapter in rest:
+        for adapter in additive:
             y = y + adapter.delta(x.to(adapter.param_dtype)).to(y.dtype)
         return y
 
@@ -230,15 +289,17 @@ class AdaptedLayer(nn.Module):
         """Reference composition of several adapters: forms the effective weight (d_out, d_in) and bias."""
         dtype = adapters[0].param_dtype
         weight = self.base_weight().to(dtype)
-        bias = None if self.base_layer.bias is None else self.base_layer.bias.to(dtype)
+        bias = layer_bias(self.base_layer)
+        bias = None if bias is None else bias.to(dtype)
         for adapter in adapters:
             weight, bias = adapter.merged_weight(weight), adapter.merged_bias(bias)
         return F.linear(x.to(dtype), weight, bias).to(x.dtype)
 
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None) -> None:
-        """Merge adapters into the base weight (default: the active ones). Idempotent; computed in float32.
+        """Merge adapters into the base weight (default: the active ones). Idempotent.
 
+        Computed in :func:`compute_dtype` of the weight (float64 stays float64, lower precisions use float32).
         Merging an active adapter must not change the output, so an adapter that does not commute with an
         active, unmerged adapter ahead of it in the chain (a weight-dependent one, or itself weight-dependent)
         cannot be merged before that one: :class:`MergeError` says which to merge first.
@@ -249,18 +310,18 @@ class AdaptedLayer(nn.Module):
                 raise AdapterNameError(f"adapter_name={name!r} is not on this layer; it has {list(self.adapters)}")
             if name in self.merged_adapters:
                 continue
-            adapter = self.adapters[name]
+            adapter = self.adapter(name)
             if not adapter.supports_merge:
                 raise MergeError(f"adapter {name!r} ({type(adapter).__name__}) cannot be merged into the weight")
             pending = self._pending_names()
             if name in pending:
-                ahead = [self.adapters[n] for n in pending[: pending.index(name)]]
+                ahead = [self.adapter(n) for n in pending[: pending.index(name)]]
                 if ahead and (adapter.weight_dependent or any(a.weight_dependent for a in ahead)):
                     raise MergeError(
                         f"cannot merge {name!r} before {pending[0]!r}: a Bat update depends on the weight, so "
                         f"merge in the active order {pending}"
                     )
-            weight, bias = self._float_weight_and_bias()
+            weight, bias = self._compute_weight_and_bias()
             self._write(adapter.merged_weight(weight), adapter.merged_bias(bias))
             self.merged_adapters.append(name)
 
@@ -268,30 +329,33 @@ class AdaptedLayer(nn.Module):
     def unmerge(self) -> None:
         """Undo every merge, last merged first (exact within float tolerance; no-op when nothing is merged)."""
         while self.merged_adapters:
-            adapter = self.adapters[self.merged_adapters[-1]]
-            weight, bias = self._float_weight_and_bias()
+            adapter = self.adapter(self.merged_adapters[-1])
+            weight, bias = self._compute_weight_and_bias()
             self._write(adapter.unmerged_weight(weight), adapter.unmerged_bias(bias))
             self.merged_adapters.pop()
-        if not self.had_bias and self.base_layer.bias is not None:
-            self.base_layer.bias = None  # a merge gave the layer a bias; with nothing merged it has none again
+        if not self.had_bias and layer_bias(self.base_layer) is not None:
+            self.base_layer.register_parameter("bias", None)  # a merge gave it a bias; with nothing merged, none
 
     def _pending_names(self) -> list[str]:
         return [n for n in self.active_adapters if n not in self.merged_adapters]
 
-    def _float_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        bias = self.base_layer.bias
-        return self.base_weight().float(), None if bias is None else bias.float()
+    def _compute_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The base weight (d_out, d_in) and bias (d_out,) or None, in the dtype merges compute in."""
+        weight, bias = self.base_weight(), layer_bias(self.base_layer)
+        dtype = compute_dtype(weight.dtype)
+        return weight.to(dtype), None if bias is None else bias.to(dtype)
 
     def _write(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         """Store a (d_out, d_in) weight and a (d_out,) bias into the base layer, in its dtype."""
-        target = self.base_layer.weight
+        target = cast(torch.Tensor, self.base_layer.weight)
         target.data.copy_(weight if isinstance(self.base_layer, nn.Linear) else weight.t())
         if bias is None:
             return
-        if self.base_layer.bias is None:
+        current = layer_bias(self.base_layer)
+        if current is None:
             self.base_layer.bias = nn.Parameter(bias.to(target.dtype), requires_grad=False)
         else:
-            self.base_layer.bias.data.copy_(bias)
+            current.data.copy_(bias)
 
     def extra_repr(self) -> str:
         return f"active={self.active_adapters}, merged={self.merged_adapters}"

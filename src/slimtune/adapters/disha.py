@@ -10,7 +10,8 @@ All trainable blocks start at zero, so the adapted model equals the base at init
   custom autograd function that keeps only x and B for backward, so peak memory stays near Bone's.
 - ``bat_row`` (the author's RWKV layout): B (d_in/r, r, r), ΔW_ij = W_ij·B_j + B_j, computed without ΔW as
   y = W(x + z) + b + tile(Σ_j z_j), z = blockdiag(B)·x.
-Both Bat variants need r to divide d_in and d_out, and take no dropout (the update multiplies the base weight).
+Both Bat variants are one class, :class:`BatAdapter`, with the axis of W whose blocks own a B (0: Col, 1: Row);
+they need r to divide d_in and d_out, and take no dropout (the update multiplies the base weight).
 """
 
 from __future__ import annotations
@@ -21,12 +22,20 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from slimtune.adapters.base import Adapter, AdditiveAdapter, base_features, linear_weight, parameter_factory
+from slimtune.adapters.base import (
+    Adapter,
+    AdditiveAdapter,
+    input_dropout,
+    layer_bias,
+    linear_weight,
+    parameter_factory,
+)
 from slimtune.config import AdapterConfig, check_choice, check_int
 from slimtune.errors import ConfigError, ShapeError
 from slimtune.functional import disha as F_disha
 
 DISHA_VARIANTS = ("bone", "mini", "bat_col", "bat_row")
+BAT_AXES = {"bat_col": 0, "bat_row": 1}  # the dim of W (d_out, d_in) along whose r-blocks each B_k is shared
 
 
 @dataclasses.dataclass
@@ -44,35 +53,35 @@ class DishaConfig(AdapterConfig):
 
     r: int = 64
     variant: str = "bone"
-    mini_r: int = 1
+    mini_r: int = 1  # must divide d_out of every adapted layer (mini)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("variant", self.variant, DISHA_VARIANTS)
         check_int("mini_r", self.mini_r)
-        if self.variant.startswith("bat") and self.dropout > 0:
+        if self.variant in BAT_AXES and self.dropout > 0:
             raise ConfigError(
                 f"dropout={self.dropout!r} is not allowed with variant={self.variant!r}: Bat's update multiplies "
                 "the base weight, so it has no input to drop; use dropout=0.0"
             )
 
-    def build_adapter(self, base_layer: nn.Module, module_name: str) -> Adapter:
-        adapter_class = {"bone": BoneAdapter, "mini": MiniAdapter, "bat_col": BatColAdapter, "bat_row": BatRowAdapter}
-        return adapter_class[self.variant](self, base_layer, module_name)
-
-
-def dropout_module(p: float) -> nn.Module:
-    return nn.Dropout(p) if p > 0 else nn.Identity()
+    @property
+    def adapter_class(self) -> type[Adapter]:
+        """The class of this config's adapters (its capabilities are class attributes)."""
+        return DISHA_ADAPTERS[self.variant]
 
 
 def check_r_fits(config: DishaConfig, d_in: int, module_name: str) -> None:
+    """ShapeError unless 1 ≤ r ≤ d_in (Bone and mini shard the input into r-wide pieces)."""
     if config.r > d_in:
         raise ShapeError(
-            f"r={config.r} is larger than d_in={d_in} of {module_name!r}: allowed for {config.variant}: 1 <= r <= {d_in}"
+            f"r={config.r} is larger than d_in={d_in} of {module_name!r}: allowed for {config.variant}: "
+            f"1 <= r <= {d_in}"
         )
 
 
 def check_r_divides(config: DishaConfig, d_in: int, d_out: int, module_name: str) -> None:
+    """ShapeError unless r divides d_in and d_out (Bat cuts W into r×r blocks)."""
     for field, dim in (("d_in", d_in), ("d_out", d_out)):
         if dim % config.r:
             divisors = [k for k in range(1, min(d_in, d_out) + 1) if d_in % k == 0 and d_out % k == 0]
@@ -86,11 +95,10 @@ class BoneAdapter(AdditiveAdapter):
     """Bone on one layer. Parameter ``block`` (r, d_out), zeros."""
 
     def __init__(self, config: DishaConfig, base_layer: nn.Module, module_name: str) -> None:
-        d_in, d_out = base_features(base_layer)
-        super().__init__(d_in, d_out)
-        check_r_fits(config, d_in, module_name)
-        self.dropout = dropout_module(config.dropout)
-        self.block = nn.Parameter(torch.zeros(config.r, d_out, **parameter_factory(base_layer)))
+        super().__init__(config, base_layer, module_name)
+        check_r_fits(config, self.d_in, module_name)
+        self.dropout = input_dropout(config.dropout)
+        self.block = nn.Parameter(torch.zeros(config.r, self.d_out, **parameter_factory(base_layer)))
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         return F_disha.bone_delta(self.dropout(x), self.block)
@@ -103,15 +111,15 @@ class MiniAdapter(AdditiveAdapter):
     """mini on one layer. Parameter ``block`` (r, mini_r), zeros."""
 
     def __init__(self, config: DishaConfig, base_layer: nn.Module, module_name: str) -> None:
-        d_in, d_out = base_features(base_layer)
-        super().__init__(d_in, d_out)
-        check_r_fits(config, d_in, module_name)
+        super().__init__(config, base_layer, module_name)
+        check_r_fits(config, self.d_in, module_name)
+        d_out = self.d_out
         if d_out % config.mini_r:
             raise ShapeError(
                 f"mini_r={config.mini_r} does not divide d_out={d_out} of {module_name!r}: mini needs "
                 f"d_out % mini_r == 0; allowed mini_r here: {[k for k in range(1, d_out + 1) if d_out % k == 0][:12]}"
             )
-        self.dropout = dropout_module(config.dropout)
+        self.dropout = input_dropout(config.dropout)
         self.block = nn.Parameter(torch.zeros(config.r, config.mini_r, **parameter_factory(base_layer)))
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,51 +130,44 @@ class MiniAdapter(AdditiveAdapter):
         return F_disha.bone_delta_weight(full, self.d_in)
 
 
-class BatColAdapter(Adapter):
-    """Bat-Col on one layer. Parameter ``block`` (d_out/r, r, r), zeros: one block per output block."""
+class BatAdapter(Adapter):
+    """Bat on one layer: ΔW_ij = W_ij·B_k + B_k with k the r-block index along ``axis`` of W.
 
-    weight_dependent: ClassVar[bool] = True
+    ``axis`` 0 (``bat_col``): k = i, the output block; ``axis`` 1 (``bat_row``): k = j, the input block.
+    Parameter ``block`` (W.shape[axis]/r, r, r), zeros. The forward never keeps a merged weight: Bat-Col forms it
+    inside :class:`~slimtune.functional.disha.BatColLinear`, Bat-Row needs none (y = W(x + z) + b + tile(Σ_j z_j)).
+    """
+
+    merge_tolerance: ClassVar[float] = 1e-5
 
     def __init__(self, config: DishaConfig, base_layer: nn.Module, module_name: str) -> None:
-        d_in, d_out = base_features(base_layer)
-        super().__init__(d_in, d_out)
-        check_r_divides(config, d_in, d_out, module_name)
-        r = config.r
-        self.block = nn.Parameter(torch.zeros(d_out // r, r, r, **parameter_factory(base_layer)))
+        super().__init__(config, base_layer, module_name)
+        check_r_divides(config, self.d_in, self.d_out, module_name)
+        self.axis = BAT_AXES[config.variant]
+        n_blocks = (self.d_out, self.d_in)[self.axis] // config.r
+        self.block = nn.Parameter(torch.zeros(n_blocks, config.r, config.r, **parameter_factory(base_layer)))
 
     def forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        if self.axis == 1:
+            z = F_disha.bat_row_shift(x.to(self.block.dtype), self.block).to(x.dtype)  # (..., J, r)
+            y = base_layer(x + z.flatten(-2))
+            return F_disha.bat_row_output(y, z.to(y.dtype))
         dtype = self.block.dtype
-        bias = base_layer.bias
+        bias = layer_bias(base_layer)
         weight = linear_weight(base_layer).to(dtype)
         y = F_disha.bat_col_linear(x.to(dtype), weight, None if bias is None else bias.to(dtype), self.block)
         return y.to(x.dtype)
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        return F_disha.bat_col_delta_weight(weight, self.block.to(weight.dtype))
+        return F_disha.bat_delta_weight(weight, self.block.to(weight.dtype), self.axis)
 
     def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        return F_disha.bat_col_unmerged_weight(weight, self.block)
+        return F_disha.bat_unmerged_weight(weight, self.block, self.axis)
 
 
-class BatRowAdapter(Adapter):
-    """Bat-Row on one layer. Parameter ``block`` (d_in/r, r, r), zeros: one block per input block."""
-
-    weight_dependent: ClassVar[bool] = True
-
-    def __init__(self, config: DishaConfig, base_layer: nn.Module, module_name: str) -> None:
-        d_in, d_out = base_features(base_layer)
-        super().__init__(d_in, d_out)
-        check_r_divides(config, d_in, d_out, module_name)
-        r = config.r
-        self.block = nn.Parameter(torch.zeros(d_in // r, r, r, **parameter_factory(base_layer)))
-
-    def forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        z = F_disha.bat_row_shift(x.to(self.block.dtype), self.block).to(x.dtype)  # (..., J, r)
-        y = base_layer(x + z.flatten(-2))
-        return F_disha.bat_row_output(y, z.to(y.dtype))
-
-    def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        return F_disha.bat_row_delta_weight(weight, self.block.to(weight.dtype))
-
-    def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        return F_disha.bat_row_unmerged_weight(weight, self.block)
+DISHA_ADAPTERS: dict[str, type[Adapter]] = {
+    "bone": BoneAdapter,
+    "mini": MiniAdapter,
+    "bat_col": BatAdapter,
+    "bat_row": BatAdapter,
+}

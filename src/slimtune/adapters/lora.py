@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimtune.adapters.base import AdditiveAdapter, base_features, parameter_factory
+from slimtune.adapters.base import Adapter, AdditiveAdapter, input_dropout, parameter_factory
 from slimtune.config import AdapterConfig, check_bool, check_choice, check_number
-from slimtune.errors import ConfigError, ShapeError
+from slimtune.errors import ShapeError
 
 LORA_INITS = ("kaiming", "gaussian")
 
@@ -45,16 +45,18 @@ class LoraConfig(AdapterConfig):
     def scaling(self) -> float:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 
-    def build_adapter(self, base_layer: nn.Module, module_name: str) -> LoraAdapter:
-        return LoraAdapter(self, base_layer, module_name)
+    @property
+    def adapter_class(self) -> type[Adapter]:
+        """The class of this config's adapters (its capabilities are class attributes)."""
+        return LoraAdapter
 
 
 class LoraAdapter(AdditiveAdapter):
     """LoRA on one layer. Parameters: ``lora_A`` (r, d_in), ``lora_B`` (d_out, r)."""
 
     def __init__(self, config: LoraConfig, base_layer: nn.Module, module_name: str) -> None:
-        d_in, d_out = base_features(base_layer)
-        super().__init__(d_in, d_out)
+        super().__init__(config, base_layer, module_name)
+        d_in, d_out = self.d_in, self.d_out
         if config.r > min(d_in, d_out):
             raise ShapeError(
                 f"r={config.r} is larger than a dimension of {module_name!r} (d_in={d_in}, d_out={d_out}): "
@@ -62,7 +64,7 @@ class LoraAdapter(AdditiveAdapter):
             )
         factory = parameter_factory(base_layer)
         self.scaling = config.scaling
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = input_dropout(config.dropout)
         self.lora_A = nn.Parameter(torch.empty(config.r, d_in, **factory))
         self.lora_B = nn.Parameter(torch.zeros(d_out, config.r, **factory))
         if config.init == "kaiming":
@@ -75,4 +77,3 @@ class LoraAdapter(AdditiveAdapter):
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return (self.lora_B.to(weight.dtype) @ self.lora_A.to(weight.dtype)) * self.scaling
-

@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimtune.adapters.base import Adapter
 from slimtune.adapters.lora import LoraAdapter, LoraConfig
 from slimtune.config import check_choice, check_int, check_number
-from slimtune.errors import ConfigError, ShapeError
+from slimtune.errors import ShapeError
 
 GRANULARITIES = ("element", "rank")
 
@@ -59,8 +60,9 @@ class LoraSpConfig(LoraConfig):
         check_choice("granularity", self.granularity, GRANULARITIES)
         check_int("seed", self.seed, minimum=0)
 
-    def build_adapter(self, base_layer: nn.Module, module_name: str) -> LoraSpAdapter:
-        return LoraSpAdapter(self, base_layer, module_name)
+    @property
+    def adapter_class(self) -> type[Adapter]:
+        return LoraSpAdapter
 
 
 def trainable_mask(shape: tuple[int, int], config: LoraSpConfig, axis: int, generator: torch.Generator) -> torch.Tensor:
@@ -90,14 +92,18 @@ class LoraSpAdapter(LoraAdapter):
     initial A, ``lora_A_mask`` (r, d_in) and ``lora_B_mask`` (d_out, r), True where an entry trains.
     """
 
+    lora_A_frozen: torch.Tensor
+    lora_A_mask: torch.Tensor
+    lora_B_mask: torch.Tensor
+
     def __init__(self, config: LoraSpConfig, base_layer: nn.Module, module_name: str) -> None:
         super().__init__(config, base_layer, module_name)
         self.seed = config.seed
         self.module_name = module_name
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + zlib.crc32(module_name.encode()))
         device = self.lora_A.device
-        mask_a = trainable_mask(tuple(self.lora_A.shape), config, axis=0, generator=generator).to(device)
-        mask_b = trainable_mask(tuple(self.lora_B.shape), config, axis=1, generator=generator).to(device)
+        mask_a = trainable_mask((config.r, self.d_in), config, axis=0, generator=generator).to(device)
+        mask_b = trainable_mask((self.d_out, config.r), config, axis=1, generator=generator).to(device)
         initial_a, initial_b = self.lora_A.detach(), self.lora_B.detach()
         del self.lora_A, self.lora_B
         self.register_buffer("lora_A_frozen", initial_a.clone())

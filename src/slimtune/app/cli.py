@@ -15,29 +15,32 @@ is already taken gets a prefix: LoRA-SP's ``seed`` is ``--adapter-seed``, ``Line
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import inspect
-import json
-import math
-import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
-import torch
-
 from slimtune.adapters.disha import DISHA_VARIANTS
-from slimtune.app.options import METHOD_CHOICES, _option, adapter_config, add_config_options, collect, parse_run
-from slimtune.errors import ConfigError, SlimtuneError
+from slimtune.app.commands import (
+    BENCHMARK,
+    cmd_bench,
+    cmd_compare,
+    cmd_evaluate,
+    cmd_export,
+    cmd_finetune,
+    cmd_linearize,
+    cmd_merge,
+)
+from slimtune.app.options import METHOD_CHOICES, add_config_options, option
+from slimtune.errors import SlimtuneError
 from slimtune.registry import METHODS
 
-BENCHMARK = Path("benchmarks") / "adapters.py"  # relative to a source checkout; the wheel ships no benchmarks
 _MODEL_HELP = "'smollm2' (bundled SmolLM2-135M), 'minilm', or a local Hugging Face model folder"
 _DATA_HELP = "'bbc' (bundled BBC News, train split) or a .txt / .jsonl / .csv file of documents"
 _METHOD_HELP = (
     f"adapter method: one of {sorted(METHODS)}, or a DiSHA variant {list(DISHA_VARIANTS)} as a shortcut for "
     "'disha --variant ...'"
 )
+TRAIN_SKIP = {"output_dir", "desc"}  # set by the command itself, not by flags
 _RUN_HELP = (
     "one method to compare, as [LABEL=]METHOD[:FIELD=VALUE,...] (repeat the option; 'lr' sets the run's learning "
     "rate; lists are joined by '+'), e.g. --run lora:r=8,lr=1e-3 --run bone:r=16 "
@@ -66,318 +69,118 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command."""
-    from slimtune.linear_attention import LinearizeConfig
-    from slimtune.training.config import TrainConfig
-
-    parser = argparse.ArgumentParser(prog="slimtune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="slimtune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def command(name: str, handler: Any, summary: str) -> tuple[argparse.ArgumentParser, set[str]]:
-        doc = inspect.getdoc(handler) or summary
-        p = sub.add_parser(name, help=summary, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.set_defaults(handler=handler)
-        return p, {"help"}
-
-    train_skip = {"output_dir", "desc"}
-    p, taken = command("finetune", cmd_finetune, "fine-tune a model with one adapter method")
-    _model_data_options(p, taken, output="runs/finetune")
-    _option(p, taken, "method", default="bone", choices=METHOD_CHOICES, help=_METHOD_HELP)
-    p.set_defaults(train_options=add_config_options(
-        p.add_argument_group("training"), {"train": TrainConfig}, taken, "train", exclude=train_skip,
-        defaults={"steps": 20, "lr": 1e-4, "warmup": 2, "eval_every": 10, "checkpoint_every": 10},
-    ))
-    p.set_defaults(adapter_options=add_config_options(p.add_argument_group("adapter method"), METHODS, taken, "adapter"))
-
-    p, taken = command("compare", cmd_compare, "train several methods alike: table, loss plot, JSON record")
-    _model_data_options(p, taken, output="runs/compare")
-    _option(p, taken, "run", action="append", metavar="SPEC", help=_RUN_HELP)
-    p.set_defaults(train_options=add_config_options(
-        p.add_argument_group("training (shared by every run)"), {"train": TrainConfig}, taken, "train",
-        exclude=train_skip | {"checkpoint_every", "keep_checkpoints", "resume"},
-        defaults={"steps": 20, "lr": 1e-3, "warmup": 2, "eval_every": 10},
-    ))
-
-    p, taken = command("linearize", cmd_linearize, "DiJiang: linear attention, attention transfer, fine-tuning")
-    _model_data_options(p, taken, output="runs/linearize")
-    for name, default, text in (
-        ("transfer_steps", 20, "attention-transfer steps"), ("transfer_lr", 1e-2, "attention-transfer learning rate"),
-        ("finetune_steps", 10, "causal-LM fine-tuning steps after the transfer (0: none)"),
-        ("finetune_lr", 1e-3, "fine-tuning learning rate"), ("batch_size", 2, "blocks per step"),
-        ("warmup", 2, "warm-up steps of each stage"), ("seed", 0, "torch seed before converting"),
-    ):
-        _option(p, taken, name, type=type(default), default=default, help=text)
-    _option(p, taken, "method", default=None, choices=METHOD_CHOICES,
-            help="also train this adapter during fine-tuning (default: only the added linear-attention parameters)")
-    p.set_defaults(linear_options=add_config_options(
-        p.add_argument_group("linear attention (LinearizeConfig)"), {"linearize": LinearizeConfig}, taken, "linear"
-    ))
-    p.set_defaults(adapter_options=add_config_options(p.add_argument_group("adapter method"), METHODS, taken, "adapter"))
-
-    p, taken = command("eval", cmd_evaluate, "perplexity, or zero-shot BBC News topic accuracy")
-    _option(p, taken, "model", default="smollm2", help=_MODEL_HELP)
-    _option(p, taken, "adapter", default=None, help="a folder written by slimtune.save_adapter to load first")
-    _option(p, taken, "linear_attention", default=None, help="a folder written by save_linearized to load first")
-    _option(p, taken, "task", default="perplexity", choices=["perplexity", "topic"], help="what to measure")
-    _option(p, taken, "data", default="bbc", help=_DATA_HELP + " (topic: BBC News only)")
-    _option(p, taken, "split", default="validation", choices=["train", "validation", "test"], help="BBC News split")
-    _option(p, taken, "seq_len", type=int, default=128, help="tokens per block (perplexity)")
-    _option(p, taken, "max_blocks", type=int, default=32, help="blocks to evaluate (perplexity)")
-    _option(p, taken, "max_examples", type=int, default=100, help="articles to classify (topic)")
-    _option(p, taken, "batch_size", type=int, default=4, help="blocks per forward pass (perplexity)")
-
-    p, taken = command("merge", cmd_merge, "merge an adapter into the weights; save a plain HF model folder")
-    _option(p, taken, "model", default="smollm2", help=_MODEL_HELP)
-    _option(p, taken, "adapter", required=True, help="a folder written by slimtune.save_adapter")
-    _option(p, taken, "output", required=True, help="the folder to write (save_pretrained + tokenizer)")
-    _option(p, taken, "dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="saved dtype")
-
-    p, taken = command("export", cmd_export, "write an adapter in another library's format")
-    _option(p, taken, "format", default="peft", choices=["peft"], help="peft: a PEFT LoRA adapter (lora, lora_sp)")
-    _option(p, taken, "model", default="smollm2", help=_MODEL_HELP)
-    _option(p, taken, "adapter", required=True, help="a folder written by slimtune.save_adapter")
-    _option(p, taken, "output", required=True, help="the folder to write")
-
-    p, _ = command("bench", cmd_bench, f"run {BENCHMARK.parent.name}/{BENCHMARK.name} (speed and memory vs PEFT)")
-    p.usage = "slimtune bench [-h] [ARGS ...]"
+    for add in (_add_finetune, _add_compare, _add_linearize, _add_eval, _add_merge_and_export, _add_bench):
+        add(sub)
     return parser
 
 
-def cmd_finetune(args: argparse.Namespace) -> int:
-    """Fine-tune a model with one adapter method (base frozen, adapter trained with slimtune.training.train).
-
-    Writes <output>/adapter (slimtune.save_adapter), <output>/metrics.jsonl (one JSON line per step),
-    <output>/checkpoints/step-N every --checkpoint-every steps (--resume goes on from the newest complete one,
-    exactly as if never stopped) and <output>/run.json. Under `accelerate launch`, --batch-size is per process.
-
-    examples:
-      slimtune finetune                       # Bone r=64 on SmolLM2-135M, BBC News, 20 steps
-      slimtune finetune --method lora --r 16 --alpha 32 --target-modules q_proj v_proj --lr 1e-3
-      slimtune finetune --method surm --structure toeplitz --block-size 64 --lr 1e-3
-      slimtune finetune --method lora_sp --freeze-fraction 0.5 --granularity rank --data my_texts.jsonl
-      ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m slimtune finetune
-    """
-    from accelerate import Accelerator
-
-    from slimtune.fileio import atomic_write_json
-    from slimtune.inject import get_adapted_model, parameter_counts
-    from slimtune.serialization import save_adapter
-    from slimtune.training.config import TrainConfig
-    from slimtune.training.loop import train
-
-    main_process = Accelerator().is_main_process  # the process state train() will use (accelerate launch's)
-    output = Path(args.output)
-    config = TrainConfig(**collect(args, args.train_options), output_dir=str(output), desc=f"finetune {args.method}")
-    adapter = adapter_config(args.method, collect(args, args.adapter_options, skip_none=True))
-    model, tokenizer = _load(args.model)
-    train_blocks, eval_blocks = _data(args, tokenizer)
-    torch.manual_seed(config.seed)
-    model = get_adapted_model(model, adapter)
-    counts = parameter_counts(model)
-    if main_process:
-        print(f"{args.method} on {args.model}: {counts}")
-    result = train(model, train_blocks, config, eval_blocks)
-    if main_process:
-        adapter_dir = save_adapter(model, output / "adapter")
-        atomic_write_json(output / "run.json", {
-            "model": args.model, "data": args.data, "method": args.method, "adapter_config": adapter.to_dict(),
-            "train_config": dataclasses.asdict(config), "trainable": counts.trainable, "total": counts.total,
-            "start_step": result.start_step, "losses": result.losses, "seconds": result.seconds,
-            "eval_losses": {str(k): v for k, v in result.eval_losses.items()}, "adapter": str(adapter_dir),
-        })
-        if result.losses:
-            print(f"train loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f} over steps "
-                  f"{result.start_step + 1}-{config.steps} ({result.seconds:.1f} s)")
-        if result.eval_losses:
-            step, loss = max(result.eval_losses.items())
-            print(f"held-out loss after step {step}: {loss:.4f} (perplexity {math.exp(loss):.2f})")
-        print(f"adapter saved to {adapter_dir}")
-    return 0
+def _command(sub: Any, name: str, handler: Any, summary: str) -> tuple[argparse.ArgumentParser, set[str]]:
+    """A sub-command whose description is its handler's docstring; returns it and its set of taken flags."""
+    doc = inspect.getdoc(handler) or summary
+    p = sub.add_parser(name, help=summary, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(handler=handler)
+    return p, {"help"}
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    """Train several adapter methods on the same model, data and steps, and compare them.
-
-    Prints a table (trainable parameters, median step time, peak memory, final training and held-out loss) and
-    writes <output>/compare.json, <output>/loss_curves.png, and each run's adapter and metrics.jsonl under
-    <output>/<label>/. Peak memory on CPU is the parameters + AdamW state + the peak of the tensors allocated
-    in one training step (see slimtune.app.compare).
-
-    example:
-      slimtune compare --steps 30 --run lora:r=8,lr=1e-3 --run bone:r=16,lr=2e-4 --run bat_row:r=16,lr=2e-4
-    """
-    from slimtune.app.compare import DEFAULT_RUNS, CompareRun, compare, format_table
+def _add_finetune(sub: Any) -> None:
     from slimtune.training.config import TrainConfig
 
-    runs = [CompareRun(*parse_run(spec)) for spec in args.run] if args.run else DEFAULT_RUNS
-    config = TrainConfig(**collect(args, args.train_options))
-    model, tokenizer = _load(args.model)
-    train_blocks, eval_blocks = _data(args, tokenizer)
-    if eval_blocks is None:
-        raise ConfigError(f"data={args.data!r} has no held-out split: pass --eval-data with a text file")
-    torch.manual_seed(config.seed)
-    record = compare(model, runs, train_blocks, eval_blocks, config, args.output, model_name=args.model)
-    print(format_table(record))
-    print(f"record: {Path(args.output) / 'compare.json'}; plot: {Path(args.output) / 'loss_curves.png'}")
-    return 0
+    p, taken = _command(sub, "finetune", cmd_finetune, "fine-tune a model with one adapter method")
+    _model_data_options(p, taken, output="runs/finetune")
+    option(p, taken, "method", default="bone", choices=METHOD_CHOICES, help=_METHOD_HELP)
+    group = p.add_argument_group("training")
+    defaults = {"steps": 20, "lr": 1e-4, "warmup": 2, "eval_every": 10, "checkpoint_every": 10}
+    train = add_config_options(group, {"train": TrainConfig}, taken, "train", exclude=TRAIN_SKIP, defaults=defaults)
+    adapter = add_config_options(p.add_argument_group("adapter method"), METHODS, taken, "adapter")
+    p.set_defaults(train_options=train, adapter_options=adapter)
 
 
-def cmd_linearize(args: argparse.Namespace) -> int:
-    """Replace softmax attention by linear attention (DiJiang's frequency-domain kernel by default) and recover.
+def _add_compare(sub: Any) -> None:
+    from slimtune.training.config import TrainConfig
 
-    Stages, each followed by the held-out loss: the original model; slimtune.linear_attention.linearize;
-    attention transfer (every layer learns to reproduce its softmax output); causal-LM fine-tuning of the added
-    parameters, and of an adapter with --method. Writes <output>/linear_attention (save_linearized; load it with
-    load_linearized or `slimtune eval --linear-attention`), <output>/adapter with --method, and <output>/run.json.
-    """
-    from slimtune.fileio import atomic_write_json
-    from slimtune.linear_attention import LinearizeConfig, linearize, save_linearized
-    from slimtune.training.recovery import attention_transfer, finetune
-    from slimtune.serialization import save_adapter
-    from slimtune.training.evaluate import evaluate_lm
-
-    la_config = LinearizeConfig(**collect(args, args.linear_options))
-    adapter_values = collect(args, args.adapter_options, skip_none=True)
-    if adapter_values and args.method is None:
-        raise ConfigError(f"adapter options {sorted(adapter_values)} need --method")
-    adapter = adapter_config(args.method, adapter_values) if args.method else None
-    model, tokenizer = _load(args.model)
-    train_blocks, eval_blocks = _data(args, tokenizer)
-    losses: dict[str, float] = {}
-
-    def measure(stage: str) -> None:
-        if eval_blocks is not None:
-            losses[stage] = evaluate_lm(model, eval_blocks)
-            print(f"{stage}: held-out loss {losses[stage]:.4f} (perplexity {math.exp(losses[stage]):.2f})")
-
-    measure("original")
-    torch.manual_seed(args.seed)
-    linearize(model, la_config)
-    measure("linearized")
-    if args.transfer_steps:
-        attention_transfer(model, train_blocks, steps=args.transfer_steps, batch_size=args.batch_size,
-                           lr=args.transfer_lr, warmup=args.warmup)
-        measure("attention transfer")
-    if args.finetune_steps:
-        model, _ = finetune(model, train_blocks, steps=args.finetune_steps, batch_size=args.batch_size,
-                            lr=args.finetune_lr, adapter=adapter, warmup=args.warmup)
-        measure("fine-tuned")
-    output = Path(args.output)
-    save_linearized(model, output / "linear_attention")
-    if adapter is not None and args.finetune_steps:
-        save_adapter(model, output / "adapter")
-    atomic_write_json(output / "run.json", {
-        "model": args.model, "data": args.data, "linearize_config": la_config.to_dict(),
-        "adapter_config": adapter.to_dict() if adapter else None,
-        "held_out_loss": [{"stage": stage, "loss": loss} for stage, loss in losses.items()],
-        "transfer_steps": args.transfer_steps, "finetune_steps": args.finetune_steps,
-    })
-    print(f"saved to {output}")
-    return 0
+    p, taken = _command(sub, "compare", cmd_compare, "train several methods alike: table, loss plot, JSON record")
+    _model_data_options(p, taken, output="runs/compare")
+    option(p, taken, "run", action="append", metavar="SPEC", help=_RUN_HELP)
+    group = p.add_argument_group("training (shared by every run)")
+    skip = TRAIN_SKIP | {"checkpoint_every", "keep_checkpoints", "resume"}
+    defaults = {"steps": 20, "lr": 1e-3, "warmup": 2, "eval_every": 10}
+    p.set_defaults(
+        train_options=add_config_options(group, {"train": TrainConfig}, taken, "train", exclude=skip, defaults=defaults)
+    )
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Evaluate a model, after loading an adapter and/or linear attention: held-out perplexity on text blocks,
-    or zero-shot BBC News topic accuracy (the topic whose name is likeliest after the article's beginning and
-    "Topic:"). Prints one JSON line."""
-    from slimtune.app.corpus import bbc_news_articles, lm_blocks, split_articles
-    from slimtune.training.data import load_texts, pack_for_lm
-    from slimtune.serialization import load_adapter
-    from slimtune.training.evaluate import evaluate_lm
-    from slimtune.app.tasks import topic_accuracy
+def _add_linearize(sub: Any) -> None:
+    from slimtune.linear_attention import LinearizeConfig
 
-    model, tokenizer = _load(args.model)
-    if args.linear_attention:
-        from slimtune.linear_attention import load_linearized
-
-        load_linearized(model, args.linear_attention)
-    if args.adapter:
-        load_adapter(model, args.adapter)
-    report: dict[str, Any] = {"task": args.task, "model": args.model, "adapter": args.adapter}
-    if args.task == "perplexity":
-        if args.data == "bbc":
-            blocks = lm_blocks(tokenizer, args.split, args.seq_len, args.max_blocks)
-        else:
-            blocks = pack_for_lm(load_texts(args.data), tokenizer, args.seq_len, args.max_blocks)
-        loss = evaluate_lm(model, blocks, args.batch_size)
-        report.update(loss=loss, perplexity=math.exp(loss), blocks=len(blocks), seq_len=args.seq_len)
-    else:
-        if args.data != "bbc":
-            raise ConfigError(f"data={args.data!r} is not allowed with task='topic': topic accuracy is on BBC News ('bbc')")
-        articles = bbc_news_articles()
-        names = [topic for _, topic in sorted({(a.label, a.topic) for a in articles})]
-        chosen = split_articles(articles)[args.split][: args.max_examples]
-        accuracy = topic_accuracy(model, tokenizer, [(a.text, a.label) for a in chosen], names)
-        report.update(accuracy=accuracy, examples=len(chosen), split=args.split, chance=1 / len(names))
-    print(json.dumps(report))
-    return 0
+    p, taken = _command(sub, "linearize", cmd_linearize, "DiJiang: linear attention, attention transfer, fine-tuning")
+    _model_data_options(p, taken, output="runs/linearize")
+    for name, default, text in (
+        ("transfer_steps", 20, "attention-transfer steps"),
+        ("transfer_lr", 1e-2, "attention-transfer learning rate"),
+        ("finetune_steps", 10, "causal-LM fine-tuning steps after the transfer (0: none)"),
+        ("finetune_lr", 1e-3, "fine-tuning learning rate"),
+        ("batch_size", 2, "blocks per step"),
+        ("warmup", 2, "warm-up steps of each stage"),
+        ("seed", 0, "torch seed before converting"),
+    ):
+        option(p, taken, name, type=type(default), default=default, help=text)
+    adapter_help = "also train this adapter during fine-tuning (default: only the added linear-attention parameters)"
+    option(p, taken, "method", default=None, choices=METHOD_CHOICES, help=adapter_help)
+    group = p.add_argument_group("linear attention (LinearizeConfig)")
+    linear = add_config_options(group, {"linearize": LinearizeConfig}, taken, "linear")
+    adapter = add_config_options(p.add_argument_group("adapter method"), METHODS, taken, "adapter")
+    p.set_defaults(linear_options=linear, adapter_options=adapter)
 
 
-def cmd_merge(args: argparse.Namespace) -> int:
-    """Load an adapter, merge it into the base weights and save a plain Hugging Face model folder (model and
-    tokenizer; load it with AutoModelForCausalLM.from_pretrained or `slimtune eval --model <folder>`)."""
-    from slimtune.inject import merge_and_unload
-    from slimtune.serialization import load_adapter
-
-    model, tokenizer = _load(args.model)
-    merged = merge_and_unload(load_adapter(model, args.adapter)).to(getattr(torch, args.dtype))
-    merged.save_pretrained(args.output)
-    tokenizer.save_pretrained(args.output)
-    print(f"merged model saved to {args.output}")
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    """Write a slimtune adapter in PEFT's LoRA format (methods lora and lora_sp; the others have no PEFT LoRA
-    equivalent and are refused). peft.PeftModel.from_pretrained(base_model, <output>) loads it."""
-    from slimtune.export import export_peft
-    from slimtune.serialization import load_adapter
-
-    model, _ = _load(args.model)
-    print(f"PEFT adapter written to {export_peft(load_adapter(model, args.adapter), args.output)}")
-    return 0
+def _add_eval(sub: Any) -> None:
+    p, taken = _command(sub, "eval", cmd_evaluate, "perplexity, or zero-shot BBC News topic accuracy")
+    option(p, taken, "model", default="smollm2", help=_MODEL_HELP)
+    option(p, taken, "adapter", default=None, help="a folder written by slimtune.save_adapter to load first")
+    option(p, taken, "linear_attention", default=None, help="a folder written by save_linearized to load first")
+    option(p, taken, "task", default="perplexity", choices=["perplexity", "topic"], help="what to measure")
+    option(p, taken, "data", default="bbc", help=_DATA_HELP + " (topic: BBC News only)")
+    option(p, taken, "split", default="validation", choices=["train", "validation", "test"], help="BBC News split")
+    option(p, taken, "seq_len", type=int, default=128, help="tokens per block (perplexity)")
+    option(p, taken, "max_blocks", type=int, default=32, help="blocks to evaluate (perplexity)")
+    option(p, taken, "max_examples", type=int, default=100, help="articles to classify (topic)")
+    option(p, taken, "batch_size", type=int, default=4, help="blocks per forward pass (perplexity)")
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    """Run the adapter benchmark (benchmarks/adapters.py of the source checkout in the current folder: step time and peak memory of
-    slimtune's adapters against PEFT's). ARGS go to the script: `slimtune bench --workload synthetic --rounds 3`;
-    `slimtune bench -- --help` lists them."""
-    script = Path.cwd() / BENCHMARK
-    if not script.is_file():
-        raise FileNotFoundError(
-            f"{script} does not exist: run `slimtune bench` from the root of a source checkout of slimtune (the "
-            "benchmarks are not part of the installed package)"
-        )
-    return subprocess.run([sys.executable, str(script), *args.bench_args], check=False).returncode
+def _add_merge_and_export(sub: Any) -> None:
+    p, taken = _command(sub, "merge", cmd_merge, "merge an adapter into the weights; save a plain HF model folder")
+    option(p, taken, "model", default="smollm2", help=_MODEL_HELP)
+    option(p, taken, "adapter", required=True, help="a folder written by slimtune.save_adapter")
+    option(p, taken, "output", required=True, help="the folder to write (save_pretrained + tokenizer)")
+    option(p, taken, "dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="saved dtype")
+
+    p, taken = _command(sub, "export", cmd_export, "write an adapter in another library's format")
+    option(p, taken, "format", default="peft", choices=["peft"], help="peft: a PEFT LoRA adapter (lora, lora_sp)")
+    option(p, taken, "model", default="smollm2", help=_MODEL_HELP)
+    option(p, taken, "adapter", required=True, help="a folder written by slimtune.save_adapter")
+    option(p, taken, "output", required=True, help="the folder to write")
 
 
-def _load(name: str) -> tuple[Any, Any]:
-    from slimtune.app.models import load_model
-
-    return load_model(name)
-
-
-def _data(args: argparse.Namespace, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(training blocks, held-out blocks or None) from --data, --eval-data, --seq-len, --train-blocks, --eval-blocks."""
-    from slimtune.app.corpus import lm_blocks
-    from slimtune.training.data import load_texts, pack_for_lm
-
-    if args.data == "bbc":
-        train_blocks = lm_blocks(tokenizer, "train", args.seq_len, args.train_blocks)
-    else:
-        train_blocks = pack_for_lm(load_texts(args.data), tokenizer, args.seq_len, args.train_blocks)
-    if args.eval_data:
-        return train_blocks, pack_for_lm(load_texts(args.eval_data), tokenizer, args.seq_len, args.eval_blocks)
-    if args.data == "bbc":
-        return train_blocks, lm_blocks(tokenizer, "validation", args.seq_len, args.eval_blocks)
-    return train_blocks, None
+def _add_bench(sub: Any) -> None:
+    summary = f"run {BENCHMARK.parent.name}/{BENCHMARK.name} (speed and memory vs PEFT)"
+    p, _ = _command(sub, "bench", cmd_bench, summary)
+    p.usage = "slimtune bench [-h] [ARGS ...]"
 
 
 def _model_data_options(p: argparse.ArgumentParser, taken: set[str], output: str) -> None:
-    _option(p, taken, "model", default="smollm2", help=_MODEL_HELP)
-    _option(p, taken, "data", default="bbc", help=_DATA_HELP)
-    _option(p, taken, "eval_data", default=None, help="held-out text file (default: the BBC News validation split "
-            "when --data is bbc, else no evaluation)")
-    _option(p, taken, "seq_len", type=int, default=128, help="tokens per block")
-    _option(p, taken, "train_blocks", type=int, default=1024, help="at most this many training blocks are made")
-    _option(p, taken, "eval_blocks", type=int, default=16, help="held-out blocks")
-    _option(p, taken, "output", default=output, help="output folder")
+    option(p, taken, "model", default="smollm2", help=_MODEL_HELP)
+    option(p, taken, "data", default="bbc", help=_DATA_HELP)
+    option(
+        p,
+        taken,
+        "eval_data",
+        default=None,
+        help="held-out text file (default: the BBC News validation split when --data is bbc, else no evaluation)",
+    )
+    option(p, taken, "seq_len", type=int, default=128, help="tokens per block")
+    option(p, taken, "train_blocks", type=int, default=1024, help="at most this many training blocks are made")
+    option(p, taken, "eval_blocks", type=int, default=16, help="held-out blocks")
+    option(p, taken, "output", default=output, help="output folder")

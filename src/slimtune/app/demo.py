@@ -22,8 +22,8 @@ import torch
 
 from slimtune.app.compare import DEFAULT_RUNS, best_run, compare, format_table
 from slimtune.app.corpus import lm_blocks
-from slimtune.inject import merge_and_unload
 from slimtune.app.models import load_smollm2
+from slimtune.inject import merge_and_unload
 from slimtune.serialization import load_adapter
 from slimtune.training.config import TrainConfig
 
@@ -36,8 +36,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=2, help="blocks per step (default: 2)")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per block (default: 128)")
     parser.add_argument("--eval-blocks", type=int, default=16, help="validation blocks (default: 16)")
-    parser.add_argument("--methods", nargs="+", choices=[run.label for run in DEFAULT_RUNS],
-                        default=[run.label for run in DEFAULT_RUNS], help="which of the five to run (default: all)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=[run.label for run in DEFAULT_RUNS],
+        default=[run.label for run in DEFAULT_RUNS],
+        help="which of the five to run (default: all)",
+    )
     parser.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     args = parser.parse_args(argv)
 
@@ -45,12 +50,17 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_smollm2(dtype=torch.float32)
     train_blocks = lm_blocks(tokenizer, split="train", seq_len=args.seq_len, max_blocks=args.steps * args.batch_size)
     held_out = lm_blocks(tokenizer, split="validation", seq_len=args.seq_len, max_blocks=args.eval_blocks)
-    print(f"SmolLM2-135M and BBC News ready in {time.perf_counter() - start:.1f} s: {len(train_blocks)} training and "
-          f"{len(held_out)} validation blocks of {args.seq_len} tokens; {torch.get_num_threads()} threads")
+    print(
+        f"SmolLM2-135M and BBC News ready in {time.perf_counter() - start:.1f} s: {len(train_blocks)} training and "
+        f"{len(held_out)} validation blocks of {args.seq_len} tokens; {torch.get_num_threads()} threads"
+    )
 
     torch.manual_seed(0)
     config = TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, warmup=max(1, args.steps // 10), seed=0,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        warmup=max(1, args.steps // 10),
+        seed=0,
         eval_every=max(1, args.steps // 2),
     )
     runs = [run for run in DEFAULT_RUNS if run.label in args.methods]
@@ -61,8 +71,11 @@ def main(argv: list[str] | None = None) -> None:
 
     best = best_run(record)
     merged = merge_and_unload(load_adapter(copy.deepcopy(model), best["adapter"]))
-    print(f"\nbest validation loss: {best['label']} ({best['eval_loss']:.4f}, perplexity {math.exp(best['eval_loss']):.2f}"
-          f" vs {math.exp(record['base_eval_loss']):.2f} before); merged into the weights")
+    print(
+        f"\nbest validation loss: {best['label']} ({best['eval_loss']:.4f}, "
+        f"perplexity {math.exp(best['eval_loss']):.2f} vs {math.exp(record['base_eval_loss']):.2f} before); "
+        "merged into the weights"
+    )
     for name, generator in (("base model", model), (f"merged {best['label']}", merged)):
         print(f"{name:>20}: {generate(generator, tokenizer, PROMPT)!r}")
     print(f"\ndemo finished in {time.perf_counter() - start:.1f} s")

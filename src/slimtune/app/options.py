@@ -54,7 +54,7 @@ def add_config_options(
             default = None
         else:
             default = (defaults or {}).get(name, _default(entries[0][1]))
-        _option(group, taken, flag, default=default, help=text, dest=f"{prefix}__{name}", **_argument_kind(kind))
+        option(group, taken, flag, default=default, help=text, dest=f"{prefix}__{name}", **_argument_kind(kind))
         mapping[f"{prefix}__{name}"] = name
     return mapping
 
@@ -94,7 +94,9 @@ def parse_run(spec: str) -> tuple[str, AdapterConfig, float | None]:
     """
     match = re.fullmatch(r"(?:([\w.-]+)=)?(\w+)(?::(.*))?", spec.strip())
     if not match:
-        raise ConfigError(f"--run {spec!r} is not allowed: expected [LABEL=]METHOD[:FIELD=VALUE,...], e.g. bone:r=16,lr=2e-4")
+        raise ConfigError(
+            f"--run {spec!r} is not allowed: expected [LABEL=]METHOD[:FIELD=VALUE,...], e.g. bone:r=16,lr=2e-4"
+        )
     label, method, options = match[1] or match[2], match[2], match[3]
     name = ALIASES.get(method, (method, {}))[0]
     kinds = {f.name: str(f.type) for f in dataclasses.fields(config_class(name))}
@@ -128,7 +130,7 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _option(group: Any, taken: set[str], name: str, help: str, **kwargs: Any) -> None:
+def option(group: Any, taken: set[str], name: str, help: str, **kwargs: Any) -> None:
     """``--name`` (underscores as dashes) with its default appended to the help."""
     flag = name.replace("_", "-")
     taken.add(name)

@@ -31,7 +31,9 @@ def topic_accuracy(
         prompt = tokenizer(text, add_special_tokens=False)["input_ids"][:prompt_tokens]
         prompt += tokenizer("\nTopic:", add_special_tokens=False)["input_ids"]
         rows = [prompt + ids + [tokenizer.eos_token_id] * (width - len(ids)) for ids in candidates]
-        logprobs = model(input_ids=torch.tensor(rows, device=model_device(model))).logits.log_softmax(-1)  # [names, T, vocab]
+        logprobs = model(input_ids=torch.tensor(rows, device=model_device(model))).logits.log_softmax(
+            -1
+        )  # [names, T, vocab]
         scores = [
             sum(logprobs[i, len(prompt) + j - 1, token].item() for j, token in enumerate(ids))
             for i, ids in enumerate(candidates)

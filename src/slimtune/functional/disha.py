@@ -1,30 +1,22 @@
-"""DiSHA math (Bone, mini, Bat-Col, Bat-Row): slow references beside the fast forms.
+"""DiSHA math (Bone, mini, Bat-Col, Bat-Row): the fast forms; the slow loop references are in ``tests/cases.py``.
 
 Notation: base weight W of shape (d_out, d_in) (``nn.Linear.weight``), shard size r. For Bat, W is cut into
 r×r blocks W_ij, i the output block (I = d_out/r of them), j the input block (J = d_in/r of them).
 
 - Bone: M (r, d_out); ΔW[o, i] = M[i mod r, o].
 - mini: m (r, mini_r); ΔW[o, i] = m[i mod r, o mod mini_r].
-- Bat-Col: B (I, r, r); ΔW_ij = W_ij·B_i + B_i.
-- Bat-Row: B (J, r, r); ΔW_ij = W_ij·B_j + B_j.
+- Bat: ΔW_ij = W_ij·B_k + B_k, one block B_k per r-block k along ``axis`` of W: axis 0 (Bat-Col) B (I, r, r)
+  with k = i, axis 1 (Bat-Row) B (J, r, r) with k = j.
 
-References (``*_reference``) loop over indices or blocks and are meant for tests; the fast forms never form
-more than they need.
+The fast forms never form more than they need.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
-
-
-def bone_delta_reference(m: torch.Tensor, d_in: int) -> torch.Tensor:
-    """Bone ΔW by its definition ΔW[o, i] = M[i mod r, o]. m: (r, d_out) → (d_out, d_in)."""
-    r, d_out = m.shape
-    delta = m.new_zeros(d_out, d_in)
-    for i in range(d_in):
-        delta[:, i] = m[i % r]
-    return delta
 
 
 def bone_delta_weight(m: torch.Tensor, d_in: int) -> torch.Tensor:
@@ -57,62 +49,62 @@ def mini_full_block(m: torch.Tensor, d_out: int) -> torch.Tensor:
     return m.repeat(1, d_out // m.shape[1])
 
 
-def mini_delta_reference(m: torch.Tensor, d_in: int, d_out: int) -> torch.Tensor:
-    """mini ΔW by its definition ΔW[o, i] = m[i mod r, o mod mini_r]. m: (r, mini_r) → (d_out, d_in)."""
-    r, mini_r = m.shape
-    delta = m.new_zeros(d_out, d_in)
-    for o in range(d_out):
-        for i in range(d_in):
-            delta[o, i] = m[i % r, o % mini_r]
-    return delta
-
-
 def mini_delta(x: torch.Tensor, m: torch.Tensor, d_out: int) -> torch.Tensor:
     """mini's ``x @ ΔWᵀ``: (..., d_in), m (r, mini_r) → (..., d_out), through the (..., mini_r) product."""
     y = shard_sum(x, m.shape[0]) @ m  # (..., mini_r)
     return y.repeat(*([1] * (y.dim() - 1)), d_out // m.shape[1])  # (..., mini_r) → (..., d_out)
 
 
-def bat_col_delta_reference(weight: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Bat-Col ΔW block by block: ΔW_ij = W_ij·B_i + B_i. weight (d_out, d_in), b (I, r, r) → (d_out, d_in)."""
-    n_out, r, _ = b.shape
-    n_in = weight.shape[1] // r
-    delta = torch.zeros_like(weight)
-    for i in range(n_out):
-        for j in range(n_in):
-            block = weight[i * r : (i + 1) * r, j * r : (j + 1) * r]
-            delta[i * r : (i + 1) * r, j * r : (j + 1) * r] = block @ b[i] + b[i]
-    return delta
+def _grouped_rows(weight: torch.Tensor, r: int, axis: int) -> torch.Tensor:
+    """W's rows grouped by the block B_k that acts on them: (d_out, d_in) → (n, rows, r).
 
-
-def bat_col_delta_weight(weight: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Bat-Col ΔW_ij = W_ij·B_i + B_i with one batched matmul. weight (d_out, d_in), b (I, r, r) → (d_out, d_in).
-
-    Row (a, j) of ``weight.view(I, r·J, r)[i]`` is row a of block W_ij, so one right-multiplication by B_i
-    transforms every block of out-block i at once.
+    axis 0: (I, r·J, r), a view; row (a, j) of group i is row a of W_ij. axis 1: (J, d_out, r); row (i, a) of
+    group j is row a of W_ij. Right-multiplying group k by B_k transforms every block that shares B_k at once.
     """
-    n_out, r, _ = b.shape
     d_out, d_in = weight.shape
-    w = weight.reshape(n_out, d_in, r)  # (d_out, d_in) → (I, r·J, r)
-    delta = torch.bmm(w, b).view(n_out, r, d_in // r, r) + b.unsqueeze(2)  # (I, r, J, r) + B_i for every j
-    return delta.view(d_out, d_in)
+    if axis == 0:
+        return weight.reshape(d_out // r, d_in, r)
+    return weight.reshape(d_out, d_in // r, r).transpose(0, 1)
 
 
-def bat_col_merged_weight(weight: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Bat-Col W' = W + ΔW. weight (d_out, d_in), b (I, r, r) → (d_out, d_in)."""
-    return weight + bat_col_delta_weight(weight, b)
+def _ungrouped_rows(rows: torch.Tensor, d_out: int, d_in: int, axis: int) -> torch.Tensor:
+    """Inverse of :func:`_grouped_rows`: (n, rows, r) → (d_out, d_in)."""
+    return (rows if axis == 0 else rows.transpose(0, 1)).reshape(d_out, d_in)
 
 
-def bat_col_unmerged_weight(merged: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Inverse of Bat-Col's merge: W_ij = (W'_ij − B_i)(I + B_i)⁻¹, in float32. (d_out, d_in) → (d_out, d_in)."""
-    n_out, r, _ = b.shape
-    d_out, d_in = merged.shape
-    b32 = b.float()
-    eye = torch.eye(r, dtype=torch.float32, device=b.device)
-    inverse = torch.linalg.inv(eye + b32)  # (I, r, r)
-    shifted = merged.float().reshape(n_out, r, d_in // r, r) - b32.unsqueeze(2)  # (I, r, J, r)
-    base = shifted.reshape(n_out, d_in, r) @ inverse  # rows (a, j) of out-block i, times (I + B_i)⁻¹
-    return base.reshape(d_out, d_in).to(merged.dtype)
+def _add_blocks(rows: torch.Tensor, b: torch.Tensor, axis: int) -> torch.Tensor:
+    """Add B_k to every r×r block of group k: rows (n, rows, r) as :func:`_grouped_rows` → (n, rows, r)."""
+    n, r, _ = b.shape
+    blocks = rows.reshape(n, r, -1, r) if axis == 0 else rows.reshape(n, -1, r, r)  # (I, r, J, r) | (J, I, r, r)
+    return (blocks + b.unsqueeze(2 - axis)).reshape(n, -1, r)
+
+
+def bat_delta_weight(weight: torch.Tensor, b: torch.Tensor, axis: int) -> torch.Tensor:
+    """Bat ΔW_ij = W_ij·B_k + B_k with one batched matmul: weight (d_out, d_in), b (n, r, r) → (d_out, d_in).
+
+    ``axis`` 0 (Bat-Col): k = i, n = d_out/r; ``axis`` 1 (Bat-Row): k = j, n = d_in/r.
+    """
+    d_out, d_in = weight.shape
+    rows = torch.bmm(_grouped_rows(weight, b.shape[1], axis), b)  # (n, rows, r): W_ij·B_k
+    return _ungrouped_rows(_add_blocks(rows, b, axis), d_out, d_in, axis)
+
+
+def bat_merged_weight(weight: torch.Tensor, b: torch.Tensor, axis: int) -> torch.Tensor:
+    """Bat W' = W + ΔW. weight (d_out, d_in), b (n, r, r) as in :func:`bat_delta_weight` → (d_out, d_in)."""
+    return weight + bat_delta_weight(weight, b, axis)
+
+
+def bat_unmerged_weight(merged: torch.Tensor, b: torch.Tensor, axis: int) -> torch.Tensor:
+    """Inverse of Bat's merge: W_ij = (W'_ij − B_k)(I + B_k)⁻¹, (d_out, d_in) → (d_out, d_in), b as in the merge.
+
+    Computed in float64 for a float64 ``merged``, else in float32; returned in ``merged``'s dtype.
+    """
+    dtype = torch.promote_types(merged.dtype, torch.float32)
+    (d_out, d_in), r = merged.shape, b.shape[1]
+    b_wide = b.to(dtype)
+    inverse = torch.linalg.inv(torch.eye(r, dtype=dtype, device=b.device) + b_wide)  # (n, r, r)
+    shifted = _add_blocks(_grouped_rows(merged.to(dtype), r, axis), -b_wide, axis)  # (n, rows, r): W'_ij − B_k
+    return _ungrouped_rows(shifted @ inverse, d_out, d_in, axis).to(merged.dtype)
 
 
 class BatColLinear(torch.autograd.Function):
@@ -124,23 +116,23 @@ class BatColLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, b):  # noqa: ANN001, ANN205 (autograd signature)
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, b: torch.Tensor) -> Any:
         ctx.save_for_backward(x, weight, bias, b)
-        return F.linear(x, bat_col_merged_weight(weight, b), bias)
+        return F.linear(x, bat_merged_weight(weight, b, axis=0), bias)
 
     @staticmethod
-    def backward(ctx, grad_y):  # noqa: ANN001, ANN205
+    def backward(ctx: Any, grad_y: torch.Tensor) -> Any:
         x, weight, bias, b = ctx.saved_tensors
         n_out, r, _ = b.shape
         d_out, d_in = weight.shape
         grad_x = grad_w = grad_bias = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_y @ bat_col_merged_weight(weight, b)
+            grad_x = grad_y @ bat_merged_weight(weight, b, axis=0)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
             g = grad_y.reshape(-1, d_out).t() @ x.reshape(-1, d_in)  # (d_out, d_in)
-            g_rows = g.view(n_out, d_in, r)  # rows (a, j) of out-block i
+            g_rows = _grouped_rows(g, r, axis=0)  # (I, r·J, r): rows (a, j) of out-block i
             if ctx.needs_input_grad[3]:
-                w_rows = weight.reshape(n_out, d_in, r)
+                w_rows = _grouped_rows(weight, r, axis=0)
                 grad_b = w_rows.transpose(1, 2) @ g_rows + g.view(n_out, r, d_in // r, r).sum(2)
             if ctx.needs_input_grad[1]:
                 grad_w = torch.baddbmm(g_rows, g_rows, b.transpose(1, 2)).view(d_out, d_in)
@@ -149,44 +141,9 @@ class BatColLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_bias, grad_b
 
 
-def bat_col_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, b: torch.Tensor
-) -> torch.Tensor:
+def bat_col_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
     """Bat-Col adapted linear layer: (..., d_in) → (..., d_out), weight (d_out, d_in), b (I, r, r)."""
     return BatColLinear.apply(x, weight.contiguous(), bias, b)
-
-
-def bat_row_delta_reference(weight: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Bat-Row ΔW block by block: ΔW_ij = W_ij·B_j + B_j. weight (d_out, d_in), b (J, r, r) → (d_out, d_in)."""
-    n_in, r, _ = b.shape
-    n_out = weight.shape[0] // r
-    delta = torch.zeros_like(weight)
-    for i in range(n_out):
-        for j in range(n_in):
-            block = weight[i * r : (i + 1) * r, j * r : (j + 1) * r]
-            delta[i * r : (i + 1) * r, j * r : (j + 1) * r] = block @ b[j] + b[j]
-    return delta
-
-
-def bat_row_delta_weight(weight: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Bat-Row ΔW_ij = W_ij·B_j + B_j. weight (d_out, d_in), b (J, r, r) → (d_out, d_in)."""
-    n_in, r, _ = b.shape
-    d_out, d_in = weight.shape
-    cols = weight.reshape(d_out, n_in, r).transpose(0, 1)  # (J, d_out, r): the columns of in-block j
-    delta = torch.bmm(cols, b).transpose(0, 1)  # (d_out, J, r)
-    delta = delta.reshape(d_out // r, r, n_in, r) + b.transpose(0, 1)  # (I, r, J, r) + B_j[a, c]
-    return delta.reshape(d_out, d_in)
-
-
-def bat_row_unmerged_weight(merged: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Inverse of Bat-Row's merge: W_ij = (W'_ij − B_j)(I + B_j)⁻¹, in float32."""
-    n_in, r, _ = b.shape
-    d_out, d_in = merged.shape
-    b32 = b.float()
-    inverse = torch.linalg.inv(torch.eye(r, dtype=torch.float32, device=b.device) + b32)  # (J, r, r)
-    shifted = merged.float().reshape(d_out // r, r, n_in, r) - b32.transpose(0, 1)  # (I, r, J, r)
-    cols = shifted.reshape(d_out, n_in, r).transpose(0, 1)  # (J, d_out, r)
-    return (cols @ inverse).transpose(0, 1).reshape(d_out, d_in).to(merged.dtype)
 
 
 def bat_row_shift(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""SURM structured matrices (circulant, Toeplitz, LDR, Kronecker): fast FFT forms beside dense references.
+"""SURM structured matrices (circulant, Toeplitz, LDR, Kronecker): fast FFT forms beside dense forms.
 
 Tiling. A layer d_in → d_out (ΔW of shape (d_out, d_in), ``nn.Linear`` orientation) is cut into b×b blocks, b
 dividing both dims: p = d_out/b block rows, q = d_in/b block columns. Block (i, j) maps the input slice
@@ -15,9 +15,10 @@ has leading dims (p, q). Per block, with r, s in [0, b):
   SURM's shapes A (r, d_in/r), B (d_out/r, r) are the case a_out = r, a_in = d_in/r: valid whenever r divides
   d_in and d_out, and exactly d_in + d_out parameters for every such r (``kronecker_factor_shapes``).
 
-Fast forms (``*_apply``) compute y = x @ ΔWᵀ: x (..., d_in) → y (..., d_out) without forming ΔW. Dense
-references (``dense_delta_*``) build ΔW (d_out, d_in) entry by entry from the definitions above (index tables
-written as loops, then one gather); they serve the tests and the layers' merge.
+Fast forms (``*_apply``) compute y = x @ ΔWᵀ: x (..., d_in) → y (..., d_out) without forming ΔW. Dense forms
+(``dense_delta_*``) build ΔW (d_out, d_in) entry by entry from the definitions above (index tables written as
+loops, then one gather); the layers merge with them. The tests check both against references written apart from
+this module (``scipy.linalg``, ``torch.kron`` and loops in ``tests/cases.py``).
 
 Functions are pure: no scale α, no dropout; callers scale. FFTs run in float32 or float64 (torch has no bfloat16
 FFT on CPU): the compute dtype is float64 if x or a parameter is float64, else float32. Outputs take x's dtype.
@@ -35,7 +36,8 @@ from slimtune.errors import ShapeError
 _COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 
 
-def _common_divisors(d_in: int, d_out: int) -> list[int]:
+def common_divisors(d_in: int, d_out: int) -> list[int]:
+    """The integers dividing both d_in and d_out, ascending."""
     g = math.gcd(d_in, d_out)
     return [k for k in range(1, g + 1) if g % k == 0]
 
@@ -44,11 +46,10 @@ def _check_divides(name: str, value: int, d_in: int, d_out: int) -> None:
     is_count = isinstance(value, int) and not isinstance(value, bool) and value > 0
     if is_count and d_in % value == 0 and d_out % value == 0:
         return
-    allowed = _common_divisors(d_in, d_out)
+    allowed = common_divisors(d_in, d_out)
     shown = ", ".join(map(str, allowed[:8])) + (", …" if len(allowed) > 8 else "")
     raise ShapeError(
-        f"{name}={value!r} must be a positive integer dividing both d_in={d_in} and d_out={d_out}; "
-        f"allowed: {shown}"
+        f"{name}={value!r} must be a positive integer dividing both d_in={d_in} and d_out={d_out}; allowed: {shown}"
     )
 
 

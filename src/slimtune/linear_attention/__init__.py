@@ -30,6 +30,7 @@ from slimtune.linear_attention.feature_maps import (
 from slimtune.linear_attention.layer import AttentionSpec, LinearAttention
 from slimtune.linear_attention.ops import (
     LINEAR_ATTENTION_OPS,
+    LinearAttentionOptions,
     LinearAttentionState,
     fla_available,
     get_linear_attention_op,
@@ -39,6 +40,7 @@ from slimtune.linear_attention.ops import (
     linear_attention_reference,
 )
 from slimtune.linear_attention.window import (
+    WindowOptions,
     WindowState,
     sliding_window_linear_attention,
     sliding_window_linear_attention_reference,
@@ -56,9 +58,11 @@ __all__ = [
     "LinearAttention",
     "LinearAttentionCache",
     "LinearAttentionCacheLayer",
+    "LinearAttentionOptions",
     "LinearAttentionState",
     "LinearizeConfig",
     "PerformerFeatureMap",
+    "WindowOptions",
     "WindowState",
     "build_feature_map",
     "cache_nbytes",

@@ -1,11 +1,11 @@
 """A transformers ``Cache`` holding one fixed-size :class:`LinearAttentionState` per linearised layer.
 
-The state is S [B, H, m, d_v] (and z [B, H, m] when normalised) whatever the context length, where a KV cache
-grows by 2·Hkv·d values per token; with a softmax window (``window.py``) it is a ``WindowState``, which adds the
-last w and the first n_s tokens' keys and values: larger, but still independent of the context length. Each layer also counts the tokens it has seen, which is what transformers 5.x
-reads, through ``get_seq_length``, for the position ids of the next tokens, and through ``get_mask_sizes`` for
-the attention mask. The mask asked for covers only the new tokens (kv_length = query length, kv_offset = tokens
-seen): a linearised layer reads nothing from it but which new tokens are padding.
+The state is S [B, H, m, d_v] (and z [B, H, m] when normalised) whatever the context length, where a KV cache grows by
+2·Hkv·d values per token; with a softmax window (``window.py``) it is a ``WindowState``, which adds the last w and the
+first n_s tokens' keys and values: larger, but still independent of the context length. Each layer also counts the
+tokens it has seen, which is what transformers 5.x reads, through ``get_seq_length``, for the position ids of the next
+tokens, and through ``get_mask_sizes`` for the attention mask. The mask asked for covers only the new tokens (kv_length
+= query length, kv_offset = tokens seen): a linearised layer reads nothing from it but which new tokens are padding.
 
 Two ways in:
 
@@ -20,9 +20,9 @@ batch expansion/selection work on the batch dimension of the state.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import dataclasses
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -30,6 +30,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from slimtune.errors import ConfigError
 from slimtune.linear_attention.ops import LinearAttentionState
 from slimtune.linear_attention.window import WindowState
+
+StateT = TypeVar("StateT")
 
 
 class LinearAttentionCacheLayer(CacheLayerMixin):
@@ -45,10 +47,28 @@ class LinearAttentionCacheLayer(CacheLayerMixin):
         self.state: LinearAttentionState | WindowState | None = None
         self.seen_tokens = 0
 
-    def advance(self, state: LinearAttentionState | WindowState, tokens: int) -> None:
+    def advance(self, state: LinearAttentionState | WindowState | None, tokens: int) -> None:
         """Store the state after ``tokens`` more tokens."""
+        if state is None:
+            raise ValueError("a linear-attention op returned no final state; it was called without output_final_state")
         self.state = state
         self.seen_tokens += tokens
+
+    def linear_state(self) -> LinearAttentionState | None:
+        """The state of a pure linear-attention layer (None before the first token)."""
+        return self._state_of(LinearAttentionState)
+
+    def window_state(self) -> WindowState | None:
+        """The state of a sliding-window hybrid layer (None before the first token)."""
+        return self._state_of(WindowState)
+
+    def _state_of(self, kind: type[StateT]) -> StateT | None:
+        if self.state is not None and not isinstance(self.state, kind):
+            raise ConfigError(
+                f"this cache layer holds a {type(self.state).__name__}, not a {kind.__name__}: the cache was filled by "
+                "a model linearised with other settings; start generation with a fresh cache"
+            )
+        return self.state
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         raise RuntimeError("a LinearAttentionCacheLayer is filled by its LinearAttention layer, not with keys/values")
@@ -126,8 +146,9 @@ def state_layer(cache: Cache, layer_idx: int) -> LinearAttentionCacheLayer:
     if isinstance(layer, LinearAttentionCacheLayer):
         return layer
     if isinstance(layer, CacheLayerMixin) and not layer.is_initialized:
-        cache.layers[layer_idx] = LinearAttentionCacheLayer()
-        return cache.layers[layer_idx]
+        fresh = LinearAttentionCacheLayer()
+        cache.layers[layer_idx] = fresh
+        return fresh
     held = layer.get_seq_length() if isinstance(layer, CacheLayerMixin) else "some"
     raise ConfigError(
         f"cache layer {layer_idx} is a {type(layer).__name__} already holding {held} tokens of keys/values; a "
@@ -141,8 +162,9 @@ def cache_nbytes(cache: Cache) -> int:
     for layer in cache.layers:
         if isinstance(layer, LinearAttentionCacheLayer):
             total += layer.nbytes()
-        elif getattr(layer, "keys", None) is not None:
-            total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+        else:
+            kv = [getattr(layer, name, None) for name in ("keys", "values")]
+            total += sum(t.numel() * t.element_size() for t in kv if isinstance(t, torch.Tensor))
     return total
 
 
@@ -155,11 +177,11 @@ def _tensors(state: object) -> list[torch.Tensor]:
     return []
 
 
-def _map_tensors(state: object, fn: Callable[[torch.Tensor], torch.Tensor]) -> object:
+def _map_tensors(state: StateT, fn: Callable[[torch.Tensor], torch.Tensor]) -> StateT:
     """``state`` with ``fn`` applied to every tensor in it (nested dataclasses too); other values unchanged."""
     if isinstance(state, torch.Tensor):
-        return fn(state)
-    if dataclasses.is_dataclass(state):
+        return cast(StateT, fn(state))
+    if dataclasses.is_dataclass(state) and not isinstance(state, type):
         changes = {field.name: _map_tensors(getattr(state, field.name), fn) for field in dataclasses.fields(state)}
-        return dataclasses.replace(state, **changes)
+        return cast(StateT, dataclasses.replace(cast(Any, state), **changes))
     return state

@@ -8,58 +8,74 @@ sliding-window layers become global linear attention (the decay is what keeps th
 :func:`linearize` freezes nothing; :func:`linear_attention_parameters` lists what it added, for an optimiser or
 for freezing the rest. :func:`save_linearized` writes the added tensors (safetensors) and the config (JSON),
 each atomically; :func:`load_linearized` converts a fresh model with that config and fills them in, checking
-every name and shape first so that a mismatch leaves the model untouched.
+every name and shape first (with the shared readers and check of :mod:`slimtune.file_format`) so that a mismatch
+leaves the model untouched.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from slimtune.errors import AdapterFileError, ConfigError
+from slimtune.file_format import LINEARIZED_FORMAT, check_tensors_fit, read_record, read_tensors
 from slimtune.fileio import atomic_write, atomic_write_json
 from slimtune.linear_attention.config import LinearizeConfig
 from slimtune.linear_attention.layer import AttentionSpec, LinearAttention
 
 TENSORS_FILE = "linear_attention.safetensors"
 CONFIG_FILE = "linear_attention_config.json"
-FORMAT_VERSION = 1
+_CONFIG_ATTRIBUTE = "slimtune_linearize_config"
 
 
-def _heads(layer: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
-    """[B, T, n·d] → [B, n, T, d] with d = layer.head_dim."""
+def _heads(layer: Any, tensor: torch.Tensor) -> torch.Tensor:
+    """[B, T, n·d] → [B, n, T, d] with d = layer.head_dim.
+
+    ``layer``, here and below: the :class:`LinearAttention`, which holds the replaced module's projections under
+    their names (typed Any: they differ per architecture).
+    """
     b, t, _ = tensor.shape
     return tensor.view(b, t, -1, layer.head_dim).transpose(1, 2)
 
 
-def _project_separate(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _project_separate(layer: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _heads(layer, layer.q_proj(x)), _heads(layer, layer.k_proj(x)), _heads(layer, layer.v_proj(x))
 
 
-def _project_neox(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _project_neox(layer: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, t, _ = x.shape
     qkv = layer.query_key_value(x).view(b, t, -1, 3 * layer.head_dim).transpose(1, 2)  # [B, H, T, 3d]
     return qkv.chunk(3, dim=-1)
 
 
-def _project_gpt2(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _project_gpt2(layer: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = layer.c_attn(x).split(layer.num_heads * layer.head_dim, dim=2)  # 3 × [B, T, H·d]
     return _heads(layer, q), _heads(layer, k), _heads(layer, v)
+
+
+def _children_in_turn(*names: str) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    """(layer, o [B, T, H·d]) → the children ``names`` of ``layer`` applied to o in turn (projection, dropout)."""
+
+    def output(layer: nn.Module, o: torch.Tensor) -> torch.Tensor:
+        for name in names:
+            o = getattr(layer, name)(o)
+        return o
+
+    return output
 
 
 _LLAMA_LIKE = AttentionSpec(
     kept=("q_proj", "k_proj", "v_proj", "o_proj"),
     project=_project_separate,
-    output=lambda layer, o: layer.o_proj(o),
+    output=_children_in_turn("o_proj"),
     cache_kwarg="past_key_values",
     rotary=None,
 )
@@ -70,14 +86,14 @@ _SPECS: dict[str, AttentionSpec] = {
     "GPTNeoXAttention": AttentionSpec(
         kept=("query_key_value", "dense"),
         project=_project_neox,
-        output=lambda layer, o: layer.dense(o),
+        output=_children_in_turn("dense"),
         cache_kwarg="layer_past",
         rotary=None,
     ),
     "GPT2Attention": AttentionSpec(
         kept=("c_attn", "c_proj", "resid_dropout"),
         project=_project_gpt2,
-        output=lambda layer, o: layer.resid_dropout(layer.c_proj(o)),
+        output=_children_in_turn("c_proj", "resid_dropout"),
         cache_kwarg="past_key_values",
         rotary=None,
     ),
@@ -122,10 +138,11 @@ def save_linearized(model: nn.Module, directory: str | os.PathLike) -> Path:
     """
     config = linearize_config(model)
     directory = Path(directory)
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in _new_tensors(model).items()}
+    new = _new_tensors(linear_attention_layers(model))
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in new.items()}
     atomic_write(directory / TENSORS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     record = {
-        "format_version": FORMAT_VERSION,
+        "format_version": LINEARIZED_FORMAT.version,
         "config": config.to_dict(),
         "tensors": {name: list(t.shape) for name, t in tensors.items()},
     }
@@ -145,20 +162,18 @@ def load_linearized(model: nn.Module, directory: str | os.PathLike) -> nn.Module
         ConfigError: the model is already linearised or has no supported attention.
     """
     directory = Path(directory)
-    record = _read_record(directory)
+    record = read_record(directory / CONFIG_FILE, LINEARIZED_FORMAT, ("config",))
     try:
         config = LinearizeConfig.from_dict(record["config"])
     except ConfigError as err:
         raise AdapterFileError(f"{directory / CONFIG_FILE}: {err}") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model of type {type(model).__name__} is not allowed: expected an nn.Module")
-    try:
-        saved = load_file(directory / TENSORS_FILE)
-    except (OSError, SafetensorError) as err:
-        raise AdapterFileError(f"{directory / TENSORS_FILE}: cannot read the saved tensors ({err})") from err
+    saved = read_tensors(directory / TENSORS_FILE, LINEARIZED_FORMAT)
     built = _build(model, config)
-    expected = {f"{name}.{key}": t for name, layer in built for key, t in layer.new_state_dict().items()}
-    _check_fit(saved, expected, directory)
+    expected = _new_tensors(built)
+    problem = f"{directory}: the saved linear-attention tensors do not fit this model"
+    check_tensors_fit(saved, expected, LINEARIZED_FORMAT, problem)
     with torch.no_grad():
         for name, tensor in expected.items():
             tensor.copy_(saved[name])
@@ -168,7 +183,7 @@ def load_linearized(model: nn.Module, directory: str | os.PathLike) -> nn.Module
 
 def linearize_config(model: nn.Module) -> LinearizeConfig:
     """The config ``model`` was linearised with; ConfigError if it was not."""
-    config = getattr(model, "slimtune_linearize_config", None)
+    config = getattr(model, _CONFIG_ATTRIBUTE, None)
     if config is None:
         raise ConfigError(f"{type(model).__name__} is not linearised: call linearize(model, config) first")
     return config
@@ -178,9 +193,10 @@ def _build(model: nn.Module, config: LinearizeConfig) -> list[tuple[str, LinearA
     """One new layer per supported attention module, built without touching ``model``."""
     if not isinstance(config, LinearizeConfig):
         raise ConfigError(f"config={config!r} is not allowed: expected a LinearizeConfig")
-    if getattr(model, "slimtune_linearize_config", None) is not None:
+    if getattr(model, _CONFIG_ATTRIBUTE, None) is not None:
         raise ConfigError(f"{type(model).__name__} is already linearised; convert a fresh model instead")
-    built, seen = [], set()
+    built: list[tuple[str, LinearAttention]] = []
+    seen: set[str] = set()
     for name, module in model.named_modules():
         kind = type(module).__name__
         if "Attention" in kind:
@@ -196,7 +212,7 @@ def _build(model: nn.Module, config: LinearizeConfig) -> list[tuple[str, LinearA
     return built
 
 
-def _new_layer(module: nn.Module, kind: str, config: LinearizeConfig, index: int) -> LinearAttention:
+def _new_layer(module: Any, kind: str, config: LinearizeConfig, index: int) -> LinearAttention:
     spec = _SPECS[kind]
     if kind in _ROPE:
         spec = dataclasses.replace(spec, rotary=sys.modules[type(module).__module__].apply_rotary_pos_emb)
@@ -211,8 +227,14 @@ def _new_layer(module: nn.Module, kind: str, config: LinearizeConfig, index: int
         heads, kv_heads, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, module.head_dim
     layer_idx = module.layer_idx if isinstance(module.layer_idx, int) else index
     return LinearAttention(
-        module, spec, config, layer_idx=layer_idx, hidden_size=cfg.hidden_size,
-        num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+        module,
+        spec,
+        config,
+        layer_idx=layer_idx,
+        hidden_size=cfg.hidden_size,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
     )
 
 
@@ -220,38 +242,9 @@ def _replace(model: nn.Module, built: list[tuple[str, LinearAttention]], config:
     for name, layer in built:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer)
-    model.slimtune_linearize_config = config
+    setattr(model, _CONFIG_ATTRIBUTE, config)
 
 
-def _new_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    layers = linear_attention_layers(model)
+def _new_tensors(layers: Iterable[tuple[str, LinearAttention]]) -> dict[str, torch.Tensor]:
+    """The tensors the conversion added, by their name in the model (``<module name>.<key>``)."""
     return {f"{name}.{key}": t for name, layer in layers for key, t in layer.new_state_dict().items()}
-
-
-def _read_record(directory: Path) -> dict:
-    path = directory / CONFIG_FILE
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise AdapterFileError(f"{path}: cannot read a linear-attention config ({err})") from err
-    if not isinstance(record, dict) or record.get("format_version") != FORMAT_VERSION or "config" not in record:
-        raise AdapterFileError(
-            f"{path}: not a linear-attention config of format_version {FORMAT_VERSION} "
-            f"(got format_version={record.get('format_version') if isinstance(record, dict) else None!r})"
-        )
-    return record
-
-
-def _check_fit(saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], directory: Path) -> None:
-    missing = sorted(set(expected) - set(saved))
-    unexpected = sorted(set(saved) - set(expected))
-    shapes = sorted(
-        f"{name} saved {tuple(saved[name].shape)} vs model {tuple(t.shape)}"
-        for name, t in expected.items()
-        if name in saved and saved[name].shape != t.shape
-    )
-    if missing or unexpected or shapes:
-        raise AdapterFileError(
-            f"{directory}: the saved linear-attention tensors do not fit this model; missing: {missing[:5]} "
-            f"({len(missing)}), unexpected: {unexpected[:5]} ({len(unexpected)}), shape mismatches: {shapes[:5]}"
-        )

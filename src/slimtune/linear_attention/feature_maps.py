@@ -94,6 +94,9 @@ class DiJiangFeatureMap(FeatureMap):
     The DCT is applied as a [m, d] matmul (faster than an FFT at head sizes). x [B, H, T, d] → [B, H, T, m].
     """
 
+    dct_rows: torch.Tensor
+    freqs: torch.Tensor
+
     def __init__(
         self, head_dim: int, num_heads: int, m: int | None = None, *, qmc: str = "sobol", seed: int = 0
     ) -> None:
@@ -120,6 +123,8 @@ class DiJiangOfficialFeatureMap(FeatureMap):
       t (u = 0) is set to 0 as in the official code. Buffer ``proj`` = C_m diag(t) [d, m].
     No weights, no decay, no 1/√d scaling here. x [B, H, T, d] → [B, H, T, m], each row summing to 1.
     """
+
+    proj: torch.Tensor
 
     def __init__(self, head_dim: int, num_heads: int, m: int | None = None, *, seed: int = 0) -> None:
         super().__init__(head_dim, num_heads, m)
@@ -154,6 +159,8 @@ class PerformerFeatureMap(FeatureMap):
     softmax(q·k/√d), scale q and k by d^(−1/4) before the map. W_h [m, d] per head from
     :func:`orthogonal_gaussian` (seeded, fixed; buffer ``proj`` [H, m, d]). x [B, H, T, d] → [B, H, T, m].
     """
+
+    proj: torch.Tensor
 
     def __init__(self, head_dim: int, num_heads: int, m: int | None = None, *, seed: int = 0) -> None:
         super().__init__(head_dim, num_heads, m)

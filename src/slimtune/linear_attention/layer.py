@@ -81,13 +81,15 @@ class AttentionSpec:
 class LinearAttention(nn.Module):
     """Causal linear attention on the pretrained projections of ``original`` (module docstring).
 
-    New parts (:meth:`new_state_dict`): ``feature_map`` (and ``feature_map_k`` unless shared), ``decay_log_rate``
-    [H] (with decay), ``window_mix_log`` [H] (with a window), ``gate`` (Linear D → H·d) and ``group_norm`` (H groups) with the output gate. They take
-    the device and dtype of the kept projections. ``original`` is kept (not as a child: its weights are the kept
-    children) so that attention transfer can run the softmax attention it replaces.
+    New parts (:meth:`new_state_dict`): ``feature_map`` (and ``feature_map_k`` unless shared), ``decay_log_rate`` [H]
+    (with decay), ``window_mix_log`` [H] (with a window), ``gate`` (Linear D → H·d) and ``group_norm`` (H groups) with
+    the output gate. They take the device and dtype of the kept projections. ``original`` is kept (not as a child: its
+    weights are the kept children) so that attention transfer can run the softmax attention it replaces.
 
     Called like the replaced module; returns (output [B, T, D], None).
     """
+
+    original: nn.Module
 
     def __init__(
         self,
@@ -124,7 +126,8 @@ class LinearAttention(nn.Module):
             self.window_mix_log = nn.Parameter(torch.full((num_heads,), math.log(config.window_mix)))
         scaling = getattr(original, "scaling", None)
         self.softmax_scale = float(scaling) if isinstance(scaling, (int, float)) else head_dim**-0.5
-        self.gate, self.group_norm = None, None
+        self.gate: nn.Linear | None = None
+        self.group_norm: nn.GroupNorm | None = None
         if config.output_gate:
             self.gate = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
             nn.init.xavier_uniform_(self.gate.weight, gain=2**-2.5, generator=torch.Generator().manual_seed(seed))
@@ -142,6 +145,12 @@ class LinearAttention(nn.Module):
         """log γ [H] = −exp(decay_log_rate), every entry < 0; None without decay."""
         return None if self.decay_log_rate is None else -self.decay_log_rate.exp()
 
+    def window_mix(self) -> torch.Tensor:
+        """g [H] = exp(window_mix_log), the weight of the linear part against the softmax window."""
+        if self.window_mix_log is None:
+            raise ConfigError("this LinearAttention has no softmax window (window=0), so no window mix")
+        return self.window_mix_log.exp()
+
     def new_state_dict(self) -> dict[str, torch.Tensor]:
         """Parameters and buffers added by the conversion (names relative to this layer)."""
         return {name: t for name, t in self.state_dict().items() if name.split(".")[0] not in self.spec.kept}
@@ -156,16 +165,17 @@ class LinearAttention(nn.Module):
             kwargs = self._keywords(hidden_states, args, kwargs)
         b, t, _ = hidden_states.shape
         q, k, v = self.spec.project(self, hidden_states)
-        if self.spec.rotary is not None:
+        rotary = self.spec.rotary
+        if rotary is not None:
             if kwargs.get("position_embeddings") is None:
                 name = type(self.original).__name__
                 raise ConfigError(f"{name} uses RoPE: position_embeddings=(cos, sin) is required, got None")
             cos, sin = kwargs["position_embeddings"]
-            q, k = self.spec.rotary(q, k, cos, sin)
+            q, k = rotary(q, k, cos, sin)
         valid = key_padding(kwargs.get("attention_mask"), t)
         o = self.attend(q, k, v, valid, kwargs.get(self.spec.cache_kwarg))
         o = o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)  # [B, T, H·d]
-        if self.gate is not None:
+        if self.gate is not None and self.group_norm is not None:
             normed = self.group_norm(o.reshape(b * t, -1)).view(b, t, -1)  # [B, T, H·d]
             o = normed * F.silu(self.gate(hidden_states))
         return self.spec.output(self, o), None
@@ -192,12 +202,21 @@ class LinearAttention(nn.Module):
         c = self.config
         if c.window:
             return self._attend_window(q, k, v, fq, fk, valid, cache)
-        options = {"log_decay": self.log_decay(), "normalize": c.normalize, "chunk_size": c.chunk_size}
+        log_decay = self.log_decay()
         if cache is None:
-            return self.op(fq, fk, v, **options)[0]
+            return self.op(fq, fk, v, log_decay=log_decay, normalize=c.normalize, chunk_size=c.chunk_size)[0]
         layer = state_layer(cache, self.layer_idx)
         op = linear_attention_recurrent if q.shape[2] == 1 else self.op
-        o, state = op(fq, fk, v, initial_state=layer.state, output_final_state=True, **options)
+        o, state = op(
+            fq,
+            fk,
+            v,
+            log_decay=log_decay,
+            normalize=c.normalize,
+            chunk_size=c.chunk_size,
+            initial_state=layer.linear_state(),
+            output_final_state=True,
+        )
         layer.advance(state, q.shape[2])
         return o
 
@@ -215,14 +234,18 @@ class LinearAttention(nn.Module):
         c = self.config
         layer = None if cache is None else state_layer(cache, self.layer_idx)
         o, state = sliding_window_linear_attention(
-            q, k, v, fq, fk,
+            q,
+            k,
+            v,
+            fq,
+            fk,
             window=c.window,
             sinks=c.sink_tokens,
             scale=self.softmax_scale,
-            mix=self.window_mix_log.exp(),
+            mix=self.window_mix(),
             log_decay=self.log_decay(),
             valid=valid,
-            initial_state=None if layer is None else layer.state,
+            initial_state=None if layer is None else layer.window_state(),
             linear_op=linear_attention_recurrent if layer is not None and q.shape[2] == 1 else self.op,
             chunk_size=c.chunk_size,
         )

@@ -12,13 +12,13 @@ final name once complete, so a process killed while saving leaves at most a temp
 ``step-*`` one that looks done. :func:`latest_checkpoint` still checks the manifest and skips (with a warning) a
 ``step-*`` folder whose files are missing or of the wrong size, say one copied half-way.
 
-Tensors are read with safetensors and the rest with ``json``: nothing is ever unpickled. The JSON side keeps
-what plain JSON would lose: tuples, dictionaries with integer keys, and NumPy arrays (the NumPy RNG state).
+Tensors are read with safetensors and the rest with ``json``, through :mod:`slimtune.file_format` (which also holds
+this format's version): nothing is ever unpickled, and a damaged file is a ConfigError naming it. The JSON side
+keeps what plain JSON would lose: tuples, dictionaries with integer keys, and NumPy arrays (the NumPy RNG state).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 import safetensors.torch
 import torch
-from safetensors import SafetensorError
 from torch import nn
 
 from slimtune.errors import ConfigError
+from slimtune.file_format import CHECKPOINT_FORMAT, check_tensors_fit, read_json, read_record, read_tensors
 from slimtune.fileio import atomic_write, atomic_write_json
 
 logger = logging.getLogger("slimtune")
@@ -41,7 +41,6 @@ logger = logging.getLogger("slimtune")
 CHECKPOINTS_FOLDER = "checkpoints"
 STATE_FILE = "state.json"
 TRAINABLE_FILE = "trainable.safetensors"
-FORMAT_VERSION = 1
 _STEP_FOLDER = re.compile(r"step-(\d+)")
 
 
@@ -78,14 +77,14 @@ def save_checkpoint(
         accelerator.wait_for_everyone()
         _write_encoded(tmp, f"rng-rank{accelerator.process_index}", rng_state())
         if accelerator.is_main_process:
-            trainable = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+            trainable = {name: p.detach().cpu().contiguous() for name, p in _trainable(model).items()}
             atomic_write(tmp / TRAINABLE_FILE, lambda path: safetensors.torch.save_file(trainable, path))
             _write_encoded(tmp, "optimizer", optimizer.state_dict())
             _write_encoded(tmp, "scheduler", scheduler.state_dict())
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             files = {path.name: path.stat().st_size for path in sorted(tmp.iterdir())}
-            record = {**state, "format_version": FORMAT_VERSION, "step": step, "files": files}
+            record = {**state, "format_version": CHECKPOINT_FORMAT.version, "step": step, "files": files}
             atomic_write_json(tmp / STATE_FILE, record)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -104,7 +103,8 @@ def save_checkpoint(
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    """The complete checkpoint of the highest step under ``root``, or None; incomplete ones are skipped with a warning."""
+    """The complete checkpoint of the highest step under ``root``, or None; incomplete ones are skipped with a
+    warning."""
     for _, folder in sorted(_step_folders(root), reverse=True):
         problem = checkpoint_problem(folder)
         if problem is None:
@@ -116,15 +116,11 @@ def latest_checkpoint(root: Path) -> Path | None:
 def checkpoint_problem(folder: Path) -> str | None:
     """Why ``folder`` is not a complete checkpoint (a sentence), or None when it is."""
     try:
-        record = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return f"no {STATE_FILE} (the save did not finish)"
-    except (OSError, ValueError) as err:
-        return f"{STATE_FILE} is unreadable ({err})"
-    if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
-        return f"{STATE_FILE} has no file manifest"
-    if record.get("format_version") != FORMAT_VERSION:
-        return f"format_version={record.get('format_version')!r}, this slimtune reads {FORMAT_VERSION}"
+        record = read_state(folder)
+    except ConfigError as err:
+        return str(err)
+    if not isinstance(record["files"], dict):
+        return f"{STATE_FILE} has no file manifest: 'files' is {str(record['files'])[:80]}, not {{file name: size}}"
     for name, size in record["files"].items():
         path = folder / name
         if not path.is_file():
@@ -135,8 +131,12 @@ def checkpoint_problem(folder: Path) -> str | None:
 
 
 def read_state(folder: Path) -> dict[str, Any]:
-    """The ``state.json`` record of a complete checkpoint."""
-    return json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    """The ``state.json`` record of a checkpoint (format_version checked, ``step`` and ``files`` present).
+
+    Raises:
+        ConfigError: the file is missing, damaged, or of a newer format.
+    """
+    return read_record(folder / STATE_FILE, CHECKPOINT_FORMAT, ("step", "files"))
 
 
 def load_checkpoint(
@@ -148,36 +148,32 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore trainable parameters, optimizer, scheduler and this process's RNG from ``folder``; returns its state.
 
+    Every file is read and checked before anything is restored.
+
     Raises:
-        ConfigError: the checkpoint's trainable parameters differ from the model's (names or shapes), or it
-            holds no RNG state for ``process_index`` (the number of processes changed).
+        ConfigError: a file is missing or damaged, the checkpoint's trainable parameters differ from the model's
+            (names or shapes), or it holds no RNG state for ``process_index`` (the number of processes changed).
     """
     state = read_state(folder)
-    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    saved = _load_tensors(folder / TRAINABLE_FILE)
-    if set(saved) != set(trainable):
-        missing, extra = sorted(set(trainable) - set(saved)), sorted(set(saved) - set(trainable))
-        raise ConfigError(
-            f"checkpoint {folder} does not fit the model's trainable parameters: missing {missing[:3]}, "
-            f"unexpected {extra[:3]}; resume with the same model and adapter settings, or a new output_dir"
-        )
-    with torch.no_grad():
-        for name, param in trainable.items():
-            if saved[name].shape != param.shape:
-                raise ConfigError(
-                    f"checkpoint {folder}: {name} has shape {tuple(saved[name].shape)}, the model's is "
-                    f"{tuple(param.shape)}; resume with the same adapter settings, or a new output_dir"
-                )
-            param.copy_(saved[name])
-    optimizer.load_state_dict(_read_encoded(folder, "optimizer"))
-    scheduler.load_state_dict(_read_encoded(folder, "scheduler"))
     rng_name = f"rng-rank{process_index}"
     if not (folder / f"{rng_name}.json").is_file():
         raise ConfigError(
             f"checkpoint {folder} has no RNG state for process {process_index}: it was written by "
             f"num_processes={state.get('num_processes')}; resume with that many processes"
         )
-    set_rng_state(_read_encoded(folder, rng_name))
+    trainable = _trainable(model)
+    saved = read_tensors(folder / TRAINABLE_FILE, CHECKPOINT_FORMAT)
+    problem = f"checkpoint {folder} does not fit the model's trainable parameters"
+    advice = "resume with the same model and adapter settings, or a new output_dir"
+    check_tensors_fit(saved, trainable, CHECKPOINT_FORMAT, problem, advice)
+    optimizer_state, scheduler_state = _read_encoded(folder, "optimizer"), _read_encoded(folder, "scheduler")
+    rng = _read_encoded(folder, rng_name)
+    optimizer.load_state_dict(optimizer_state)  # first: it checks the state against the parameter groups
+    scheduler.load_state_dict(scheduler_state)
+    with torch.no_grad():
+        for name, param in trainable.items():
+            param.copy_(saved[name])
+    set_rng_state(rng)
     return state
 
 
@@ -245,16 +241,14 @@ def _write_encoded(folder: Path, name: str, obj: Any) -> None:
 
 
 def _read_encoded(folder: Path, name: str) -> Any:
-    data = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
+    data = read_json(folder / f"{name}.json", CHECKPOINT_FORMAT)
     weights = folder / f"{name}.safetensors"
-    return decode(data, _load_tensors(weights) if weights.is_file() else {})
+    return decode(data, read_tensors(weights, CHECKPOINT_FORMAT) if weights.is_file() else {})
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return safetensors.torch.load_file(path)
-    except (SafetensorError, OSError) as err:
-        raise ConfigError(f"{path} is damaged or not a safetensors file ({err}); resume from another checkpoint") from None
+def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters that train, by name: what a checkpoint saves of the model."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
 def _step_folders(root: Path) -> list[tuple[int, Path]]:

@@ -1,9 +1,11 @@
-"""Settings and results of the training loop: :class:`TrainConfig` and :class:`TrainResult`."""
+"""Settings and results of the training loop: :class:`TrainConfig` (and the keyword forms of some of its fields,
+:class:`LoopOptions` and :class:`TrainLMOptions`), :class:`TrainResult`."""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TypedDict
 
 from slimtune.config import DictConfig, check_bool, check_int, check_number
 from slimtune.errors import ConfigError
@@ -67,6 +69,27 @@ class TrainConfig(DictConfig):
             for field in ("checkpoint_every", "resume"):
                 if getattr(self, field):
                     raise ConfigError(f"{field}={getattr(self, field)!r} needs output_dir: set output_dir to a folder")
+
+
+class LoopOptions(TypedDict, total=False):
+    """:class:`TrainConfig` fields that ``attention_transfer`` and ``finetune`` take as keyword arguments:
+    accumulation, clipping, checkpoints and resume. Left out, each keeps its default."""
+
+    grad_accum: int
+    max_grad_norm: float | None
+    output_dir: str | None
+    checkpoint_every: int | None
+    keep_checkpoints: int
+    resume: bool
+
+
+class TrainLMOptions(LoopOptions, total=False):
+    """The keyword arguments of ``train_lm``: :class:`LoopOptions` and the schedule, weight decay and progress bar."""
+
+    warmup: int
+    weight_decay: float
+    progress: bool
+    desc: str
 
 
 @dataclasses.dataclass

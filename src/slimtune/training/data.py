@@ -59,12 +59,11 @@ def pack_for_lm(texts: Iterable[str], tokenizer: Any, seq_len: int, max_blocks: 
             break
     n_blocks = len(ids) // seq_len
     if n_blocks == 0:
-        raise DataError(
-            f"{len(texts)} texts give {len(ids)} tokens, fewer than seq_len={seq_len}: not one full block"
-        )
+        raise DataError(f"{len(texts)} texts give {len(ids)} tokens, fewer than seq_len={seq_len}: not one full block")
     if max_blocks is not None:
         n_blocks = min(n_blocks, max_blocks)
     return torch.tensor(ids[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
+
 
 def read_text_file(path: str | os.PathLike) -> list[str]:
     """The documents in a local text file, by suffix; empty documents are dropped.
@@ -164,6 +163,7 @@ def _read_csv(text: str, path: Path) -> list[str]:
     except csv.Error as err:
         raise DataError(f"{path}, line {rows.line_num}: malformed CSV ({err})") from None
     return documents
+
 
 def decode_text(data: bytes) -> str:
     """Text of a file: UTF-8 (BOM skipped), else Windows-1252; newlines normalised to ``\\n``."""

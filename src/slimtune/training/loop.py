@@ -1,11 +1,13 @@
-"""One plain causal-LM training loop on ``accelerate``, with checkpoints that resume exactly.
+"""The one training loop on ``accelerate``, with checkpoints that resume exactly.
 
-:func:`train` runs AdamW on the trainable parameters over packed token blocks [n, seq_len]: gradient
-accumulation, a cosine schedule with linear warm-up, periodic held-out evaluation, a progress bar on the main
-process, one JSON line of metrics per step in ``<output_dir>/metrics.jsonl`` (and TensorBoard scalars when
-``tensorboard`` is installed), and checkpoints every N steps (:mod:`slimtune.training.checkpoint`). DDP, FSDP or DeepSpeed
-come from ``accelerate launch`` and its config; the loop itself has no distributed code beyond asking accelerate
-to reduce the loss for logging. Only DDP on CPU (gloo) is tested.
+:func:`train` runs AdamW on the trainable parameters over packed token blocks [n, seq_len], minimising a loss
+function (:mod:`slimtune.training.losses`; the causal-LM loss by default, the attention-transfer loss for
+linear-attention recovery): gradient accumulation, a cosine schedule with linear warm-up, optional clipping,
+periodic held-out evaluation, a progress bar on the main process, one JSON line of metrics per step in
+``<output_dir>/metrics.jsonl`` (and TensorBoard scalars when ``tensorboard`` is installed), and checkpoints every N
+steps (:mod:`slimtune.training.checkpoint`). DDP, FSDP or DeepSpeed come from ``accelerate launch`` and its
+config; the loop itself has no distributed code beyond asking accelerate to reduce the loss for logging. Only
+DDP on CPU (gloo) is tested.
 
 Data order. Optimizer step s takes the global samples ``s·G … (s+1)·G − 1``, G = batch_size × grad_accum ×
 num_processes; micro-step m of process r takes the ``batch_size`` samples starting at ``s·G + (m·P + r)·batch_size``.
@@ -20,20 +22,20 @@ weights equal an uninterrupted run's. A NaN or inf loss, or a NaN or inf gradien
 before every optimizer step), stops training before it touches the weights, with a FloatingPointError naming the
 step, the learning rate and the last good checkpoint.
 
-:func:`train_lm` is the short form the benchmarks and the linear-attention recovery use.
+:func:`train` reads top to bottom as :func:`_set_up`, :func:`_resume`, then per step :func:`_step` (forward and
+backward over the micro-batches, the checks, the optimizer step) and :func:`_after_step` (evaluation, log,
+checkpoint, progress bar). :func:`train_lm` is the short form without shuffling, evaluation or (by default) files.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
-import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
@@ -42,10 +44,14 @@ from tqdm import tqdm
 
 from slimtune.errors import ConfigError
 from slimtune.training.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
-from slimtune.training.config import TrainConfig, TrainResult
-from slimtune.training.evaluate import check_blocks, evaluate_lm
+from slimtune.training.config import TrainConfig, TrainLMOptions, TrainResult
+from slimtune.training.evaluate import check_blocks, evaluate_loss
+from slimtune.training.losses import LossFn, causal_lm_loss
 from slimtune.training.metrics import MetricsLog
 from slimtune.training.order import BlockOrder
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 RUN_SETTINGS = ("global_batch", "n_blocks", "seq_len", "seed", "shuffle", "num_processes")
 
@@ -62,18 +68,41 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+@dataclasses.dataclass
+class _Run:
+    """What every step of one :func:`train` call uses. ``model`` is as accelerate prepared it (wrapped for DDP),
+    ``unwrapped`` the caller's module; ``root`` is the checkpoint folder (None without ``output_dir``)."""
+
+    config: TrainConfig
+    loss_fn: LossFn
+    accelerator: Accelerator
+    model: nn.Module
+    unwrapped: nn.Module
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    order: BlockOrder
+    settings: dict[str, Any]
+    root: Path | None
+
+
 def train(
     model: nn.Module,
     blocks: torch.Tensor,
     config: TrainConfig,
     eval_blocks: torch.Tensor | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    *,
+    loss_fn: LossFn = causal_lm_loss,
+    train_mode: bool = True,
 ) -> TrainResult:
-    """Train ``model`` (an HF causal LM; ``model(input_ids=, labels=)`` returns ``.loss``) on ``blocks`` [n, seq_len].
+    """Train ``model`` on ``blocks`` [n, seq_len] token ids, minimising ``loss_fn(model, batch [B, seq_len])``.
 
-    ``eval_blocks`` [m, seq_len]: held-out blocks, evaluated every ``config.eval_every`` steps and after the last.
-    ``on_step(record)`` is called on every process after each step with the step's metrics (the line written to
-    ``metrics.jsonl``), after that step's evaluation and checkpoint.
+    ``loss_fn`` defaults to the causal-LM loss of an HF model (``model(input_ids=, labels=).loss``).
+    ``eval_blocks`` [m, seq_len]: held-out blocks, the mean ``loss_fn`` over them is evaluated every
+    ``config.eval_every`` steps and after the last. ``on_step(record)`` is called on every process after each step
+    with the step's metrics (the line written to ``metrics.jsonl``), after that step's evaluation and checkpoint.
+    ``train_mode=False`` trains the model in eval mode (no dropout). The model is left in the mode it trained in.
 
     Raises:
         ConfigError: no trainable parameter; ``blocks`` (or ``eval_blocks``) empty, not integer token ids
@@ -84,6 +113,52 @@ def train(
         OSError: a checkpoint could not be written (the message names it and the newest complete one, which is
             left intact).
     """
+    run = _set_up(model, blocks, eval_blocks, config, loss_fn)
+    result = _resume(run)
+    start = time.perf_counter()
+    run.model.train(train_mode)
+    with _outputs(run, result.start_step) as (log, bar):
+        for step in range(result.start_step, config.steps):
+            record = _step(run, blocks, step, result.checkpoint)
+            _after_step(run, record, result, eval_blocks, log, bar)
+            if on_step is not None:
+                on_step(record)
+    result.seconds = time.perf_counter() - start
+    result.tokens = len(result.losses) * run.settings["global_batch"] * blocks.shape[1]
+    return result
+
+
+def train_lm(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    loss_fn: LossFn = causal_lm_loss,
+    train_mode: bool = True,
+    **options: Unpack[TrainLMOptions],
+) -> TrainResult:
+    """Train ``model`` (an HF causal LM) on ``blocks`` [n, seq_len] for ``steps`` AdamW steps, cycling the blocks.
+
+    :func:`train` without shuffling or evaluation, minimising ``loss_fn`` (the causal-LM loss by default) in train
+    mode unless ``train_mode=False``. ``options`` (:class:`TrainLMOptions`) set the other :class:`TrainConfig`
+    fields: ``warmup`` (0), ``weight_decay`` (0.0), ``progress`` (True), ``desc`` ("training"), accumulation,
+    clipping, checkpoints and resume (by default none, and no file is written).
+
+    Raises:
+        ConfigError: steps, batch_size or lr not positive, no trainable parameter, or bad ``blocks``.
+        FloatingPointError: the loss or a gradient became NaN or inf (the message names the step and the
+            learning rate).
+    """
+    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, shuffle=False, **options)
+    return train(model, blocks, config, loss_fn=loss_fn, train_mode=train_mode)
+
+
+def _set_up(
+    model: nn.Module, blocks: torch.Tensor, eval_blocks: torch.Tensor | None, config: TrainConfig, loss_fn: LossFn
+) -> _Run:
+    """Check the inputs; make the accelerator, AdamW on the trainable parameters and its schedule."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameter: inject an adapter first")
@@ -100,152 +175,147 @@ def train(
         "num_processes": accelerator.num_processes,
     }
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer.zero_grad(set_to_none=True)  # a gradient left by an earlier backward would join the first step
     scheduler = cosine_with_warmup(optimizer, config.warmup, config.steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-    root = checkpoint_root(config.output_dir) if config.output_dir is not None else None
-    start_step, last_checkpoint = 0, None
-    if config.resume:
-        last_checkpoint = latest_checkpoint(root)
-        if last_checkpoint is not None:
-            state = load_checkpoint(last_checkpoint, unwrapped, optimizer, scheduler, accelerator.process_index)
-            _check_same_run(state["run"], settings, last_checkpoint)
-            start_step = state["step"]
-    elif root is not None and any(root.glob("step-*")):
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    return _Run(
+        config=config,
+        loss_fn=loss_fn,
+        accelerator=accelerator,
+        model=prepared,
+        unwrapped=accelerator.unwrap_model(prepared),
+        params=params,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        order=BlockOrder(len(blocks), config.seed, config.shuffle),
+        settings=settings,
+        root=checkpoint_root(config.output_dir) if config.output_dir is not None else None,
+    )
+
+
+def _resume(run: _Run) -> TrainResult:
+    """The empty result of this call, starting at step 0 or, with ``resume``, at the restored newest checkpoint.
+
+    Raises:
+        ConfigError: ``output_dir`` holds checkpoints but ``resume`` is off, or the checkpoint is of another run.
+    """
+    if run.root is not None and not run.config.resume and any(run.root.glob("step-*")):
         raise ConfigError(
-            f"{root} holds checkpoints of an earlier run: set resume=True (--resume) to go on from them, or use "
+            f"{run.root} holds checkpoints of an earlier run: set resume=True (--resume) to go on from them, or use "
             "another output_dir"
         )
-    log = MetricsLog(Path(config.output_dir), start_step) if config.output_dir and accelerator.is_main_process else None
-    order = BlockOrder(len(blocks), config.seed, config.shuffle)
-    result = TrainResult([], 0.0, 0, start_step=start_step, checkpoint=last_checkpoint)
+    last = latest_checkpoint(run.root) if run.root is not None and run.config.resume else None
+    if last is None:
+        return TrainResult([], 0.0, 0)
+    state = load_checkpoint(last, run.unwrapped, run.optimizer, run.scheduler, run.accelerator.process_index)
+    for key in RUN_SETTINGS:
+        if state["run"].get(key) != run.settings[key]:
+            raise ConfigError(
+                f"cannot resume from {last}: {key}={run.settings[key]!r} in this run but {state['run'].get(key)!r} "
+                "when it was saved; resume with the same data, batch size, gradient accumulation, seed and number "
+                "of processes, or start in a new output_dir"
+            )
+    return TrainResult([], 0.0, 0, start_step=state["step"], checkpoint=last)
+
+
+@contextlib.contextmanager
+def _outputs(run: _Run, start_step: int) -> Iterator[tuple[MetricsLog | None, tqdm]]:
+    """The metrics log (main process with ``output_dir`` only) and the progress bar, both closed on exit."""
+    main, config = run.accelerator.is_main_process, run.config
+    log = MetricsLog(Path(config.output_dir), start_step) if config.output_dir and main else None
     bar = tqdm(
-        total=config.steps, initial=start_step, desc=config.desc, unit="step",
-        disable=not (config.progress and accelerator.is_main_process),
+        total=config.steps, initial=start_step, desc=config.desc, unit="step", disable=not (config.progress and main)
     )
-    start = time.perf_counter()
-    model.train()
     try:
-        for step in range(start_step, config.steps):
-            began = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
-            loss = _step(accelerator, model, params, optimizer, blocks, order, config, step, result.checkpoint)
-            scheduler.step()
-            done = step + 1
-            record = {"step": done, "loss": loss, "lr": lr, "epoch": done * settings["global_batch"] / len(blocks)}
-            record["step_seconds"] = time.perf_counter() - began
-            result.losses.append(loss)
-            result.step_seconds.append(record["step_seconds"])
-            if eval_blocks is not None and (done == config.steps or (config.eval_every and done % config.eval_every == 0)):
-                record["eval_loss"] = result.eval_losses[done] = _evaluate(accelerator, unwrapped, eval_blocks, config)
-            if log is not None:  # before the checkpoint: a kill between the two leaves a line the resume drops
-                log.write(record)
-            if config.checkpoint_every and done % config.checkpoint_every == 0:
-                position = {"samples": done * settings["global_batch"], "run": settings, "config": dataclasses.asdict(config)}
-                result.checkpoint = save_checkpoint(
-                    root, done, unwrapped, optimizer, scheduler, position, config.keep_checkpoints, accelerator
-                )
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", **({"eval": f"{record['eval_loss']:.3f}"} if "eval_loss" in record else {}))
-            if on_step is not None:
-                on_step(record)
+        yield log, bar
     finally:
         bar.close()
         if log is not None:
             log.close()
-    result.seconds = time.perf_counter() - start
-    result.tokens = len(result.losses) * settings["global_batch"] * blocks.shape[1]
-    return result
 
 
-def train_lm(
-    model: nn.Module,
-    blocks: torch.Tensor,
-    *,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    warmup: int = 0,
-    weight_decay: float = 0.0,
-    progress: bool = True,
-    desc: str = "training",
-) -> TrainResult:
-    """Train ``model`` (an HF causal LM) on ``blocks`` [n, seq_len] for ``steps`` AdamW steps, cycling the blocks in order.
-
-    :func:`train` without shuffling, evaluation or files.
-
-    Raises:
-        ConfigError: steps, batch_size or lr not positive, no trainable parameter, or bad ``blocks``.
-        FloatingPointError: the loss or a gradient became NaN or inf (the message names the step and the
-            learning rate).
-    """
-    config = TrainConfig(
-        steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay, shuffle=False,
-        progress=progress, desc=desc,
-    )
-    return train(model, blocks, config)
+def _step(run: _Run, blocks: torch.Tensor, step: int, last_checkpoint: Path | None) -> dict[str, Any]:
+    """Optimizer step ``step`` (0-based) and the schedule's; returns the step's metrics record."""
+    began = time.perf_counter()
+    lr = run.optimizer.param_groups[0]["lr"]
+    loss = _forward_backward(run, blocks, step, last_checkpoint)
+    # the global gradient norm (clipping to inf multiplies by 1.0, which changes no value); None under DeepSpeed
+    norm = run.accelerator.clip_grad_norm_(run.params, run.config.max_grad_norm or math.inf)
+    if norm is not None and not math.isfinite(norm):
+        run.optimizer.zero_grad(set_to_none=True)
+        raise _diverged(f"the gradient norm is {float(norm)}", run, step, last_checkpoint)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    done = step + 1
+    epoch = done * run.settings["global_batch"] / len(blocks)
+    return {"step": done, "loss": loss, "lr": lr, "epoch": epoch, "step_seconds": time.perf_counter() - began}
 
 
-def _step(
-    accelerator: Accelerator,
-    model: nn.Module,
-    params: list[nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    blocks: torch.Tensor,
-    order: BlockOrder,
-    config: TrainConfig,
-    step: int,
-    last_checkpoint: Path | None,
-) -> float:
-    """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss over processes and micro-batches."""
+def _forward_backward(run: _Run, blocks: torch.Tensor, step: int, last_checkpoint: Path | None) -> float:
+    """Gradients of ``step``'s ``grad_accum`` micro-batches [batch_size, seq_len] on this process; returns the mean
+    loss over processes and micro-batches."""
+    accelerator, config = run.accelerator, run.config
     world, rank, size = accelerator.num_processes, accelerator.process_index, config.batch_size
     first = step * size * config.grad_accum * world
     total = 0.0
     for micro in range(config.grad_accum):
-        batch = blocks[order.indices(first + (micro * world + rank) * size, size)].to(accelerator.device)
+        batch = blocks[run.order.indices(first + (micro * world + rank) * size, size)].to(accelerator.device)
         last = micro == config.grad_accum - 1
-        with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            loss = model(input_ids=batch, labels=batch).loss
+        with contextlib.nullcontext() if last else accelerator.no_sync(run.model):
+            loss = run.loss_fn(run.model, batch)
             mean = accelerator.reduce(loss.detach(), "mean").item()
             if not math.isfinite(mean):
-                lr = optimizer.param_groups[0]["lr"]
-                raise FloatingPointError(_diverged_message(f"loss is {mean}", step, lr, last_checkpoint))
+                raise _diverged(f"loss is {mean}", run, step, last_checkpoint)
             accelerator.backward(loss / config.grad_accum)
         total += mean
-    # the global gradient norm (clipping to inf multiplies by 1.0, which changes no value); None under DeepSpeed
-    norm = accelerator.clip_grad_norm_(params, config.max_grad_norm or math.inf)
-    if norm is not None and not math.isfinite(norm):
-        optimizer.zero_grad(set_to_none=True)
-        what = f"the gradient norm is {float(norm)}"
-        raise FloatingPointError(_diverged_message(what, step, optimizer.param_groups[0]["lr"], last_checkpoint))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     return total / config.grad_accum
 
 
-def _diverged_message(what: str, step: int, lr: float, last_checkpoint: Path | None) -> str:
+def _diverged(what: str, run: _Run, step: int, last_checkpoint: Path | None) -> FloatingPointError:
+    """The error that stops a run before ``step`` changes the weights: what diverged, where, and how to go on."""
+    lr = run.optimizer.param_groups[0]["lr"]
     kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
-    return (
+    return FloatingPointError(
         f"{what} at step {step} (after {step} completed steps; lr={lr:.4g}): training stopped before this "
         f"step changed the weights; {kept}. Lower the learning rate (or check the data) and resume."
     )
 
 
-def _evaluate(accelerator: Accelerator, model: nn.Module, blocks: torch.Tensor, config: TrainConfig) -> float:
-    """Held-out loss over ``blocks``, each process evaluating every P-th block; the result is the same on all."""
+def _after_step(
+    run: _Run,
+    record: dict[str, Any],
+    result: TrainResult,
+    eval_blocks: torch.Tensor | None,
+    log: MetricsLog | None,
+    bar: tqdm,
+) -> None:
+    """Record the step in ``result``; evaluate, log and checkpoint when due; move the progress bar."""
+    config, done = run.config, record["step"]
+    result.losses.append(record["loss"])
+    result.step_seconds.append(record["step_seconds"])
+    if eval_blocks is not None and (done == config.steps or (config.eval_every and done % config.eval_every == 0)):
+        record["eval_loss"] = result.eval_losses[done] = _evaluate(run, eval_blocks)
+    if log is not None:  # before the checkpoint: a kill between the two leaves a line the resume drops
+        log.write(record)
+    if run.root is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
+        samples = done * run.settings["global_batch"]
+        state = {"samples": samples, "run": run.settings, "config": dataclasses.asdict(config)}
+        result.checkpoint = save_checkpoint(
+            run.root, done, run.unwrapped, run.optimizer, run.scheduler, state, config.keep_checkpoints, run.accelerator
+        )
+    bar.update(1)
+    shown = {"loss": f"{record['loss']:.3f}"}
+    if "eval_loss" in record:
+        shown["eval"] = f"{record['eval_loss']:.3f}"
+    bar.set_postfix(shown)
+
+
+def _evaluate(run: _Run, blocks: torch.Tensor) -> float:
+    """Mean held-out loss over ``blocks`` [m, seq_len], each process evaluating every P-th block; the same on all."""
+    accelerator = run.accelerator
     shard = blocks[accelerator.process_index :: accelerator.num_processes]
-    local = evaluate_lm(model, shard, config.eval_batch_size) * len(shard) if len(shard) else 0.0
-    totals = accelerator.reduce(torch.tensor([local, float(len(shard))], dtype=torch.float64, device=accelerator.device), "sum")
+    mean = evaluate_loss(run.unwrapped, shard, run.loss_fn, run.config.eval_batch_size) if len(shard) else 0.0
+    counts = torch.tensor([mean * len(shard), float(len(shard))], dtype=torch.float64, device=accelerator.device)
+    totals = accelerator.reduce(counts, "sum")
     return (totals[0] / totals[1]).item()
-
-
-def _check_same_run(saved: dict[str, Any], current: dict[str, Any], folder: Path) -> None:
-    for key in RUN_SETTINGS:
-        if saved.get(key) != current[key]:
-            raise ConfigError(
-                f"cannot resume from {folder}: {key}={current[key]!r} in this run but {saved.get(key)!r} when it was "
-                "saved; resume with the same data, batch size, gradient accumulation, seed and number of processes, "
-                "or start in a new output_dir"
-            )
-
-

@@ -29,7 +29,11 @@ class MetricsLog:
                 with contextlib.suppress(ValueError):
                     if json.loads(line).get("step", math.inf) <= start_step:
                         kept.append(line + "\n")
-        atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(kept), encoding="utf-8"))
+
+        def write_kept(tmp: str) -> None:
+            Path(tmp).write_text("".join(kept), encoding="utf-8")
+
+        atomic_write(self.path, write_kept)
         self.handle = self.path.open("a", encoding="utf-8")
         self.tensorboard = None
         if importlib.util.find_spec("tensorboard") is not None:

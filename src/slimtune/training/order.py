@@ -14,7 +14,9 @@ class BlockOrder:
 
     def indices(self, start: int, count: int) -> torch.Tensor:
         """Block indices [count] of the global samples ``start … start + count − 1``."""
-        return torch.stack([self._permutation(p // self.n_blocks)[p % self.n_blocks] for p in range(start, start + count)])
+        return torch.stack(
+            [self._permutation(p // self.n_blocks)[p % self.n_blocks] for p in range(start, start + count)]
+        )
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch not in self._epochs:

@@ -1,34 +1,43 @@
-"""Recovery training of a linearised model, in two stages (LoLCATs' recipe).
+"""Recovery training of a linearised model, in two stages (LoLCATs' recipe), both on the one training loop.
 
 1. :func:`attention_transfer`: every :class:`LinearAttention` learns to reproduce the softmax attention it
    replaced. In one forward pass each layer computes its linear output and the original softmax output on the
-   same hidden states (the kept original module, run without gradients), adds their MSE to the loss and passes
-   the softmax output on, so every layer sees the hidden states of the original model. Only the parameters the
-   conversion added are trained (feature maps, decays, gates); the LM head is not run.
+   same hidden states (the kept original module, run without gradients), records their MSE and passes the softmax
+   output on, so every layer sees the hidden states of the original model (:func:`_teacher_forcing`). The loss
+   of a batch is the sum of the recorded MSEs; the loop (:func:`slimtune.training.train_lm`) minimises it over the
+   parameters the conversion added (feature maps, decays, gates), in eval mode (no dropout: exact targets).
 2. :func:`finetune`: causal-LM training of the added parameters and, optionally, of a slimtune adapter
    (``slimtune.get_adapted_model``), with :func:`slimtune.training.train_lm`.
 
-Stage 1 runs the model in eval mode (no dropout, so the softmax targets are exact) and restores the model's
-mode and ``requires_grad`` flags afterwards.
+Both take the loop's options as keywords (:class:`slimtune.training.config.LoopOptions`: gradient accumulation,
+clipping, checkpoints, resume), so they stop on a NaN loss or gradient, and with ``output_dir`` write
+``metrics.jsonl`` and checkpoints, as fine-tuning does. Stage 1 restores the model's mode and ``requires_grad``
+flags afterwards.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from slimtune.config import AdapterConfig
 from slimtune.errors import ConfigError
 from slimtune.inject import get_adapted_model
 from slimtune.linear_attention.convert import linear_attention_layers, linear_attention_parameters
-from slimtune.training.config import TrainResult
-from slimtune.training.loop import cosine_with_warmup, train_lm
+from slimtune.linear_attention.layer import LinearAttention
+from slimtune.training.config import LoopOptions, TrainLMOptions, TrainResult
+from slimtune.training.evaluate import model_device
+from slimtune.training.loop import train_lm
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+LayerLosses = Callable[[nn.Module, torch.Tensor], list[torch.Tensor]]
 
 
 def attention_transfer(
@@ -40,40 +49,30 @@ def attention_transfer(
     lr: float,
     warmup: int = 0,
     progress: bool = True,
+    **loop: Unpack[LoopOptions],
 ) -> TrainResult:
     """Train the added parameters of ``model`` so each layer's linear attention output matches its softmax one.
 
     ``blocks`` [n, seq_len] token ids, cycled in order; the loss of a step is the sum over layers of the mean
-    squared error between the two outputs [B, T, D]. AdamW, cosine schedule after ``warmup`` steps.
-    ``TrainResult.losses`` holds that summed MSE per step.
+    squared error between the two outputs [B, T, D]. AdamW, cosine schedule after ``warmup`` steps; ``loop``: the
+    loop's options (:class:`LoopOptions`). ``TrainResult.losses`` holds that summed MSE per step.
 
     Raises:
-        ConfigError: steps, batch_size or lr not positive, no linearised layer, or no added parameter to train.
-        FloatingPointError: the loss became NaN or inf.
+        ConfigError: steps, batch_size or lr not positive, no linearised layer, no added parameter to train, or a
+            checkpoint that does not fit.
+        FloatingPointError: the loss or a gradient became NaN or inf (naming the step, the learning rate and the
+            last good checkpoint).
     """
-    for field, value in (("steps", steps), ("batch_size", batch_size), ("lr", lr)):
-        if not value > 0:
-            raise ConfigError(f"{field}={value!r} is not allowed: expected a positive number")
+    options: TrainLMOptions = {**loop, "warmup": warmup, "progress": progress, "desc": "attention transfer"}
     params = _added_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    scheduler = cosine_with_warmup(optimizer, warmup, steps)
-    losses, start = [], time.perf_counter()
     with _only_trainable(model, params), _teacher_forcing(model) as layer_losses:
-        bar = tqdm(range(steps), desc="attention transfer", unit="step", disable=not progress)
-        for step in bar:
-            index = torch.arange(step * batch_size, (step + 1) * batch_size) % len(blocks)
-            layer_losses.clear()
-            model.base_model(input_ids=blocks[index], use_cache=False)
-            loss = torch.stack(layer_losses).sum()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"attention-transfer loss is {loss.item()} at step {step} (lr={lr})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-            bar.set_postfix(mse=f"{losses[-1]:.4g}")
-    return TrainResult(losses, time.perf_counter() - start, steps * batch_size * blocks.shape[1])
+
+        def summed_mse(forward_model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+            return torch.stack(layer_losses(forward_model, batch)).sum()
+
+        return train_lm(
+            model, blocks, steps=steps, batch_size=batch_size, lr=lr, loss_fn=summed_mse, train_mode=False, **options
+        )
 
 
 @torch.no_grad()
@@ -87,10 +86,8 @@ def attention_mse(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -
     totals: list[float] = []
     with _teacher_forcing(model) as layer_losses:
         for i in range(0, len(blocks), batch_size):
-            batch = blocks[i : i + batch_size]
-            layer_losses.clear()
-            model.base_model(input_ids=batch, use_cache=False)
-            values = [loss.item() * len(batch) for loss in layer_losses]
+            batch = blocks[i : i + batch_size].to(model_device(model))
+            values = [loss.item() * len(batch) for loss in layer_losses(model, batch)]
             totals = values if not totals else [a + b for a, b in zip(totals, values)]
     return [total / len(blocks) for total in totals]
 
@@ -107,16 +104,25 @@ def finetune(
     warmup: int = 0,
     weight_decay: float = 0.0,
     progress: bool = True,
+    **loop: Unpack[LoopOptions],
 ) -> tuple[nn.Module, TrainResult]:
     """Stage 2: causal-LM training of the added parameters (``train_linear_attention``) and of ``adapter``.
 
     With ``adapter``, it is injected first (``slimtune.get_adapted_model``, which freezes the base model);
-    without, every parameter but the added ones is frozen. The trainable set is left as trained. Returns the
-    model (the same object) and :func:`slimtune.training.train_lm`'s result.
+    without, every parameter but the added ones is frozen. The trainable set is left as trained. ``loop``: the
+    loop's options (:class:`LoopOptions`). Returns the model (the same object) and
+    :func:`slimtune.training.train_lm`'s result.
 
     Raises:
         ConfigError: nothing to train, or a setting ``train_lm`` refuses.
     """
+    options: TrainLMOptions = {
+        **loop,
+        "warmup": warmup,
+        "weight_decay": weight_decay,
+        "progress": progress,
+        "desc": "LM fine-tuning",
+    }
     if adapter is not None:
         model = get_adapted_model(model, adapter)
     else:
@@ -124,11 +130,7 @@ def finetune(
     if train_linear_attention:
         for param in _added_parameters(model):
             param.requires_grad_(True)
-    result = train_lm(
-        model, blocks, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay,
-        progress=progress, desc="LM fine-tuning",
-    )
-    return model, result
+    return model, train_lm(model, blocks, steps=steps, batch_size=batch_size, lr=lr, **options)
 
 
 def _added_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -156,24 +158,32 @@ def _only_trainable(model: nn.Module, params: list[nn.Parameter]) -> Iterator[No
 
 
 @contextlib.contextmanager
-def _teacher_forcing(model: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Hook every LinearAttention: record MSE(linear, softmax) into the yielded list, pass the softmax output on.
+def _teacher_forcing(model: nn.Module) -> Iterator[LayerLosses]:
+    """Hook every LinearAttention of ``model`` to pass the softmax output [B, T, D] on; yields ``layer_losses``.
 
-    The model is in eval mode inside (its mode is restored on exit).
+    ``layer_losses(forward_model, batch)`` runs ``forward_model`` (``model``, or the wrapper accelerate made of it)
+    on ``batch`` [B, T] token ids and returns the MSE(linear output, softmax output) [] of every layer, in layer
+    order. The LM head runs on the last position only. The model is in eval mode inside (its mode is restored
+    on exit).
     """
-    losses: list[torch.Tensor] = []
+    recorded: list[torch.Tensor] = []
 
-    def hook(layer: nn.Module, args: tuple, kwargs: dict, output: tuple) -> tuple:
+    def hook(layer: LinearAttention, args: tuple[Any, ...], kwargs: dict[str, Any], output: tuple[Any, ...]) -> tuple:
         with torch.no_grad():
-            target = layer.original.train(layer.training)(*args, **kwargs)[0]
-        losses.append(F.mse_loss(output[0].float(), target.float()))
+            target = layer.original.train(layer.training)(*args, **kwargs)[0]  # [B, T, D]
+        recorded.append(F.mse_loss(output[0].float(), target.float()))
         return (target, *output[1:])
+
+    def layer_losses(forward_model: nn.Module, batch: torch.Tensor) -> list[torch.Tensor]:
+        recorded.clear()
+        forward_model(input_ids=batch, use_cache=False, logits_to_keep=1)
+        return list(recorded)
 
     was_training = model.training
     model.eval()
     handles = [layer.register_forward_hook(hook, with_kwargs=True) for _, layer in linear_attention_layers(model)]
     try:
-        yield losses
+        yield layer_losses
     finally:
         for handle in handles:
             handle.remove()

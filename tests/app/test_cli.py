@@ -147,6 +147,21 @@ def test_options_a_method_lacks_are_refused(tiny, capsys):
         run_cli("finetune", "--no-such-option")
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--r", "abc"], "argument --r: 'abc' is not allowed: expected an int"),
+        (["--lr", "fast"], "argument --lr: 'fast' is not allowed: expected a float"),
+        (["--block-size", "x"], "argument --block-size: 'x' is not allowed: expected an int or None"),
+    ],
+)
+def test_a_value_of_the_wrong_type_names_the_flag_and_the_type(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("finetune", *argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_compare_run_specs():
     label, config, lr = options.parse_run("wide=lora:r=6,alpha=12,lr=1e-3,target_modules=q_proj+v_proj,use_rslora=true")
     assert (label, lr) == ("wide", 1e-3)

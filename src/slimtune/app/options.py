@@ -141,12 +141,21 @@ def option(group: Any, taken: set[str], name: str, help: str, **kwargs: Any) -> 
 
 
 def _argument_kind(kind: str) -> dict[str, Any]:
+    """argparse settings for a field of type ``kind`` (its annotation as a string)."""
     if kind == "bool":
         return {"action": argparse.BooleanOptionalAction}
     if kind == "list[str] | str":
         return {"nargs": "+", "metavar": "NAME"}
     base = kind.replace(" | None", "")
-    return {"type": lambda text: _parse_value(kind, text, "value"), "metavar": base.upper()}
+
+    def parse(text: str) -> Any:
+        try:
+            return _parse_value(kind, text, "value")
+        except ConfigError:  # argparse then says "argument --r: 'abc' is not ...", naming the flag
+            allowed = f"a{'n' if base == 'int' else ''} {base}" + (" or None" if kind != base else "")
+            raise argparse.ArgumentTypeError(f"{text!r} is not allowed: expected {allowed}") from None
+
+    return {"type": parse, "metavar": base.upper()}
 
 
 def _parse_value(kind: str, text: str, field: str) -> Any:

@@ -47,7 +47,7 @@ from slimtune.linear_attention import (
     linearize,
 )
 from slimtune.linear_attention.window import WindowState
-from slimtune.training import evaluate_lm, train_lm
+from slimtune.training import TrainResult, evaluate_lm, train_lm
 from slimtune.training.recovery import attention_mse, attention_transfer, finetune
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -217,69 +217,35 @@ def quality(args: argparse.Namespace, config: LinearizeConfig) -> dict:
                     attention_mse=sum(attention_mse(model, held_out[:4])),
                 )
             )
+    finetune_options = {"steps": args.finetune_steps, "batch_size": args.batch, "lr": args.finetune_lr}
+    finetune_options["warmup"] = max(1, args.finetune_steps // 10)
+
+    def finetune_stage(label: str, train_linear_attention: bool) -> tuple[torch.nn.Module, TrainResult]:
+        tuned_model, tuned = finetune(
+            model, train, adapter=adapter, train_linear_attention=train_linear_attention, **finetune_options
+        )
+        trainable = st.parameter_counts(tuned_model).trainable
+        rows.append(row(label, tuned_model, tuned.tokens, tuned.seconds, trainable=trainable, lr=args.finetune_lr))
+        return tuned_model, tuned
+
     if args.window_only:  # ablation: no linear part at all, only the adapter learns
         with linear_part_off(model):
-            model, tuned = finetune(
-                model,
-                train,
-                steps=args.finetune_steps,
-                batch_size=args.batch,
-                lr=args.finetune_lr,
-                adapter=adapter,
-                train_linear_attention=False,
-                warmup=max(1, args.finetune_steps // 10),
-            )
-            rows.append(
-                row(
-                    f"window + sinks only, + LM fine-tuning (LoRA r={args.lora_r})",
-                    model,
-                    tuned.tokens,
-                    tuned.seconds,
-                    trainable=st.parameter_counts(model).trainable,
-                    lr=args.finetune_lr,
-                )
-            )
+            model, tuned = finetune_stage(f"window + sinks only, + LM fine-tuning (LoRA r={args.lora_r})", False)
         transfer_losses = []
     else:
         torch.manual_seed(0)
+        warmup = max(1, args.transfer_steps // 10)
         transfer = attention_transfer(
-            model,
-            train,
-            steps=args.transfer_steps,
-            batch_size=args.batch,
-            lr=args.transfer_lr,
-            warmup=max(1, args.transfer_steps // 10),
+            model, train, steps=args.transfer_steps, batch_size=args.batch, lr=args.transfer_lr, warmup=warmup
         )
+        mse = sum(attention_mse(model, held_out[:4]))
         rows.append(
             row(
-                "+ attention transfer",
-                model,
-                transfer.tokens,
-                transfer.seconds,
-                attention_mse=sum(attention_mse(model, held_out[:4])),
-                lr=args.transfer_lr,
+                "+ attention transfer", model, transfer.tokens, transfer.seconds, attention_mse=mse, lr=args.transfer_lr
             )
         )
         transfer_losses = transfer.losses
-        model, tuned = finetune(
-            model,
-            train,
-            steps=args.finetune_steps,
-            batch_size=args.batch,
-            lr=args.finetune_lr,
-            adapter=adapter,
-            warmup=max(1, args.finetune_steps // 10),
-        )
-        rows.append(
-            row(
-                f"+ LM fine-tuning (LoRA r={args.lora_r} + linear attention)",
-                model,
-                tuned.tokens,
-                tuned.seconds,
-                trainable=st.parameter_counts(model).trainable,
-                lr=args.finetune_lr,
-            )
-        )
+        model, tuned = finetune_stage(f"+ LM fine-tuning (LoRA r={args.lora_r} + linear attention)", True)
     columns = ["stage", "held_out_ppl", "attention_mse", "train_tokens", "seconds", "trainable"]
     held = f"held-out {len(held_out)} x {args.seq_len} tokens"
     hybrid = f", softmax window {config.window} + {config.sink_tokens} sinks" if config.window else ""

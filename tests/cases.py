@@ -69,21 +69,23 @@ def tiny_mlp(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyMLP:
     return TinyMLP().to(dtype)
 
 
+# The size every tiny decoder of the tests shares: hidden 48, 4 heads, MLP 72, 2 layers, vocabulary 101.
+TINY_DECODER = {
+    "vocab_size": 101,
+    "hidden_size": 48,
+    "intermediate_size": 72,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 64,
+}
+
+
 def tiny_llama(seed: int = 0) -> nn.Module:
     """A 2-layer LlamaForCausalLM from a config: hidden 48, GQA 4/2 heads (k/v 48 → 24), MLP 72, vocab 101."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=101,
-        hidden_size=48,
-        intermediate_size=72,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
+    config = LlamaConfig(**TINY_DECODER, num_key_value_heads=2, tie_word_embeddings=False)
     return LlamaForCausalLM(config).eval()
 
 

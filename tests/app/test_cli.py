@@ -51,6 +51,13 @@ def run_cli(*argv: str) -> int:
     return cli.main([str(arg) for arg in argv])
 
 
+def eval_report(capsys: pytest.CaptureFixture[str], *argv: object) -> dict:
+    """Run ``slimtune eval`` on 16 blocks of 32 tokens; its JSON report."""
+    capsys.readouterr()
+    assert run_cli("eval", *argv, "--seq-len", "32", "--max-blocks", "16") == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
 def data_options(tiny: Path, texts: tuple[Path, Path]) -> list[str]:
     return ["--model", str(tiny), "--data", str(texts[0]), "--eval-data", str(texts[1]), "--seq-len", "32"]
 
@@ -200,23 +207,7 @@ def test_finetune_resume_eval_merge_export(tiny, texts, tmp_path, capsys):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
     capsys.readouterr()
 
-    assert (
-        run_cli(
-            "eval",
-            "--model",
-            tiny,
-            "--adapter",
-            out / "adapter",
-            "--data",
-            texts[1],
-            "--seq-len",
-            "32",
-            "--max-blocks",
-            "16",
-        )
-        == 0
-    )
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    report = eval_report(capsys, "--model", tiny, "--adapter", out / "adapter", "--data", texts[1])
     assert report["loss"] == pytest.approx(record["eval_losses"]["6"], rel=1e-4)
 
     assert run_cli("merge", "--model", tiny, "--adapter", out / "adapter", "--output", tmp_path / "merged") == 0
@@ -310,25 +301,10 @@ def test_linearize_then_evaluate(tiny, texts, tmp_path, capsys):
     assert list(stages) == ["original", "linearized", "attention transfer", "fine-tuned"]
     assert (record["linearize_config"]["chunk_size"], record["linearize_config"]["window"]) == (16, 8)
     capsys.readouterr()
-    assert (
-        run_cli(
-            "eval",
-            "--model",
-            tiny,
-            "--linear-attention",
-            out / "linear_attention",
-            "--adapter",
-            out / "adapter",
-            "--data",
-            texts[1],
-            "--seq-len",
-            "32",
-            "--max-blocks",
-            "16",
-        )
-        == 0
+    linear, adapter = out / "linear_attention", out / "adapter"
+    report = eval_report(
+        capsys, "--model", tiny, "--linear-attention", linear, "--adapter", adapter, "--data", texts[1]
     )
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["loss"] == pytest.approx(stages["fine-tuned"], rel=1e-4)
 
 

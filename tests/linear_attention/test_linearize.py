@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import slimtune as st
-from cases import tiny_gpt2, tiny_llama
+from cases import TINY_DECODER, tiny_gpt2, tiny_llama
 from slimtune.errors import AdapterFileError, ConfigError
 from slimtune.linear_attention import (
     LinearAttention,
@@ -41,16 +41,7 @@ def tiny_qwen2(seed: int = 0) -> nn.Module:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=101,
-        hidden_size=48,
-        intermediate_size=72,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
+    config = Qwen2Config(**TINY_DECODER, num_key_value_heads=2, tie_word_embeddings=False)
     return Qwen2ForCausalLM(config).eval()
 
 
@@ -59,17 +50,7 @@ def tiny_mistral(seed: int = 0) -> nn.Module:
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(seed)
-    config = MistralConfig(
-        vocab_size=101,
-        hidden_size=48,
-        intermediate_size=72,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        sliding_window=8,
-        tie_word_embeddings=False,
-    )
+    config = MistralConfig(**TINY_DECODER, num_key_value_heads=2, sliding_window=8, tie_word_embeddings=False)
     return MistralForCausalLM(config).eval()
 
 
@@ -78,15 +59,7 @@ def tiny_neox(seed: int = 0) -> nn.Module:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(seed)
-    config = GPTNeoXConfig(
-        vocab_size=101,
-        hidden_size=48,
-        intermediate_size=72,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        rotary_pct=0.5,
-        max_position_embeddings=64,
-    )
+    config = GPTNeoXConfig(**TINY_DECODER, rotary_pct=0.5)
     return GPTNeoXForCausalLM(config).eval()
 
 

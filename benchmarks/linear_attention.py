@@ -26,9 +26,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from transformers import DynamicCache
@@ -157,101 +158,98 @@ def quality(args: argparse.Namespace, config: LinearizeConfig) -> dict:
     n_train = max(args.transfer_steps, args.finetune_steps) * args.batch
     train = lm_blocks(tokenizer, split="train", seq_len=args.seq_len, max_blocks=n_train)
     held_out = lm_blocks(tokenizer, split="validation", seq_len=args.seq_len, max_blocks=args.eval_blocks)
-
-    def row(stage: str, model: torch.nn.Module, tokens: int, seconds: float, **extra: object) -> dict:
-        loss = evaluate_lm(model, held_out)
-        result = {
-            "stage": stage,
-            "held_out_ppl": math.exp(loss),
-            "held_out_loss": loss,
-            "train_tokens": tokens,
-            "seconds": seconds,
-            **extra,
-        }
-        print(result, flush=True)
-        return result
-
+    row = functools.partial(stage_row, held_out)
     rows = [row("original (softmax)", base, 0, 0.0)]
     adapter = st.LoraConfig(r=args.lora_r, alpha=2 * args.lora_r, target_modules=LORA_TARGETS)
     if args.reference_finetune:
-        torch.manual_seed(0)
-        reference = st.get_adapted_model(copy.deepcopy(base), adapter)
-        tuned = train_lm(
-            reference,
-            train,
-            steps=args.finetune_steps,
-            batch_size=args.batch,
-            lr=args.finetune_lr,
-            warmup=max(1, args.finetune_steps // 10),
-            desc="reference LM fine-tuning",
-        )
-        rows.append(
-            row(
-                f"reference: original + the same LM fine-tuning (LoRA r={args.lora_r})",
-                reference,
-                tuned.tokens,
-                tuned.seconds,
-                lr=args.finetune_lr,
-            )
-        )
-        del reference
+        rows.append(reference_finetune_row(args, base, adapter, train, row))
     start = time.perf_counter()
     model = linearize(base, config)
-    rows.append(
-        row(
-            "converted, untrained",
-            model,
-            0,
-            time.perf_counter() - start,
-            attention_mse=sum(attention_mse(model, held_out[:4])),
-        )
-    )
+    seconds = time.perf_counter() - start
+    mse = sum(attention_mse(model, held_out[:4]))
+    rows.append(row("converted, untrained", model, 0, seconds, attention_mse=mse))
     if config.window:
         with linear_part_off(model):
-            rows.append(
-                row(
-                    f"ablation: softmax window {config.window} + {config.sink_tokens} sinks only",
-                    model,
-                    0,
-                    0.0,
-                    attention_mse=sum(attention_mse(model, held_out[:4])),
-                )
-            )
-    finetune_options = {"steps": args.finetune_steps, "batch_size": args.batch, "lr": args.finetune_lr}
-    finetune_options["warmup"] = max(1, args.finetune_steps // 10)
-
-    def finetune_stage(label: str, train_linear_attention: bool) -> tuple[torch.nn.Module, TrainResult]:
-        tuned_model, tuned = finetune(
-            model, train, adapter=adapter, train_linear_attention=train_linear_attention, **finetune_options
-        )
-        trainable = st.parameter_counts(tuned_model).trainable
-        rows.append(row(label, tuned_model, tuned.tokens, tuned.seconds, trainable=trainable, lr=args.finetune_lr))
-        return tuned_model, tuned
-
-    if args.window_only:  # ablation: no linear part at all, only the adapter learns
-        with linear_part_off(model):
-            model, tuned = finetune_stage(f"window + sinks only, + LM fine-tuning (LoRA r={args.lora_r})", False)
-        transfer_losses = []
-    else:
-        torch.manual_seed(0)
-        warmup = max(1, args.transfer_steps // 10)
-        transfer = attention_transfer(
-            model, train, steps=args.transfer_steps, batch_size=args.batch, lr=args.transfer_lr, warmup=warmup
-        )
-        mse = sum(attention_mse(model, held_out[:4]))
-        rows.append(
-            row(
-                "+ attention transfer", model, transfer.tokens, transfer.seconds, attention_mse=mse, lr=args.transfer_lr
-            )
-        )
-        transfer_losses = transfer.losses
-        model, tuned = finetune_stage(f"+ LM fine-tuning (LoRA r={args.lora_r} + linear attention)", True)
+            mse = sum(attention_mse(model, held_out[:4]))
+            label = f"ablation: softmax window {config.window} + {config.sink_tokens} sinks only"
+            rows.append(row(label, model, 0, 0.0, attention_mse=mse))
+    transfer_losses, finetune_losses = recover(args, model, adapter, train, held_out, row, rows)
     columns = ["stage", "held_out_ppl", "attention_mse", "train_tokens", "seconds", "trainable"]
     held = f"held-out {len(held_out)} x {args.seq_len} tokens"
     hybrid = f", softmax window {config.window} + {config.sink_tokens} sinks" if config.window else ""
     print(f"\n## SmolLM2-135M on BBC News, {config.feature_map} feature map{hybrid}, {held}\n")
     print(format_table(rows, columns))
-    return {"rows": rows, "transfer_losses": transfer_losses, "finetune_losses": tuned.losses}
+    return {"rows": rows, "transfer_losses": transfer_losses, "finetune_losses": finetune_losses}
+
+
+def stage_row(
+    held_out: torch.Tensor, stage: str, model: torch.nn.Module, tokens: int, seconds: float, **extra: object
+) -> dict:
+    """One row of the quality table: the model's held-out perplexity after a stage, printed as it comes."""
+    loss = evaluate_lm(model, held_out)
+    result = {"stage": stage, "held_out_ppl": math.exp(loss), "held_out_loss": loss, "train_tokens": tokens}
+    result.update(seconds=seconds, **extra)
+    print(result, flush=True)
+    return result
+
+
+def reference_finetune_row(
+    args: argparse.Namespace, base: torch.nn.Module, adapter: st.LoraConfig, train: torch.Tensor, row: Callable
+) -> dict:
+    """The original softmax model fine-tuned the same way (LoRA on a copy), for comparison."""
+    torch.manual_seed(0)
+    reference = st.get_adapted_model(copy.deepcopy(base), adapter)
+    warmup = max(1, args.finetune_steps // 10)
+    tuned = train_lm(
+        reference,
+        train,
+        steps=args.finetune_steps,
+        batch_size=args.batch,
+        lr=args.finetune_lr,
+        warmup=warmup,
+        desc="reference LM fine-tuning",
+    )
+    label = f"reference: original + the same LM fine-tuning (LoRA r={args.lora_r})"
+    return row(label, reference, tuned.tokens, tuned.seconds, lr=args.finetune_lr)
+
+
+def recover(
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    adapter: st.LoraConfig,
+    train: torch.Tensor,
+    held_out: torch.Tensor,
+    row: Callable,
+    rows: list[dict],
+) -> tuple[list[float], list[float]]:
+    """Attention transfer then LM fine-tuning (or, with ``--window-only``, fine-tuning without the linear part);
+    appends their rows; returns (transfer losses, fine-tuning losses)."""
+    options = {"steps": args.finetune_steps, "batch_size": args.batch, "lr": args.finetune_lr}
+    options["warmup"] = max(1, args.finetune_steps // 10)
+
+    def finetune_stage(label: str, train_linear_attention: bool) -> TrainResult:
+        tuned_model, tuned = finetune(
+            model, train, adapter=adapter, train_linear_attention=train_linear_attention, **options
+        )
+        trainable = st.parameter_counts(tuned_model).trainable
+        rows.append(row(label, tuned_model, tuned.tokens, tuned.seconds, trainable=trainable, lr=args.finetune_lr))
+        return tuned
+
+    torch.manual_seed(0)  # the same adapter initialisation on both paths, run after run
+    if args.window_only:  # ablation: no linear part at all, only the adapter learns
+        with linear_part_off(model):
+            tuned = finetune_stage(f"window + sinks only, + LM fine-tuning (LoRA r={args.lora_r})", False)
+        return [], tuned.losses
+    warmup = max(1, args.transfer_steps // 10)
+    transfer = attention_transfer(
+        model, train, steps=args.transfer_steps, batch_size=args.batch, lr=args.transfer_lr, warmup=warmup
+    )
+    mse = sum(attention_mse(model, held_out[:4]))
+    rows.append(
+        row("+ attention transfer", model, transfer.tokens, transfer.seconds, attention_mse=mse, lr=args.transfer_lr)
+    )
+    tuned = finetune_stage(f"+ LM fine-tuning (LoRA r={args.lora_r} + linear attention)", True)
+    return transfer.losses, tuned.losses
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ helpers below, so ``True`` is never taken for ``1`` and the messages read alike.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 import re
@@ -106,7 +107,7 @@ class DictConfig:
 
 
 @dataclasses.dataclass
-class AdapterConfig(DictConfig):
+class AdapterConfig(DictConfig, abc.ABC):
     """Fields every method has.
 
     Args:
@@ -130,9 +131,9 @@ class AdapterConfig(DictConfig):
         self._check_target_modules()
 
     @property
+    @abc.abstractmethod
     def adapter_class(self) -> type[Adapter]:
         """The class of this config's adapters (its capabilities are class attributes)."""
-        raise NotImplementedError(f"{type(self).__name__} names no adapter class")
 
     def build_adapter(self, base_layer: nn.Module, module_name: str) -> Adapter:
         """This method's adapter on ``base_layer`` (``module_name`` names it in errors)."""

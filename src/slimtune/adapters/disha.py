@@ -33,6 +33,7 @@ from slimtune.adapters.base import (
 from slimtune.config import AdapterConfig, check_choice, check_int
 from slimtune.errors import ConfigError, ShapeError
 from slimtune.functional import disha as F_disha
+from slimtune.functional.structured import common_divisors
 
 DISHA_VARIANTS = ("bone", "mini", "bat_col", "bat_row")
 BAT_AXES = {"bat_col": 0, "bat_row": 1}  # the dim of W (d_out, d_in) along whose r-blocks each B_k is shared
@@ -84,10 +85,9 @@ def check_r_divides(config: DishaConfig, d_in: int, d_out: int, module_name: str
     """ShapeError unless r divides d_in and d_out (Bat cuts W into r×r blocks)."""
     for field, dim in (("d_in", d_in), ("d_out", d_out)):
         if dim % config.r:
-            divisors = [k for k in range(1, min(d_in, d_out) + 1) if d_in % k == 0 and d_out % k == 0]
             raise ShapeError(
                 f"r={config.r} does not divide {field}={dim} of {module_name!r} ({d_in} -> {d_out}): "
-                f"{config.variant} needs r dividing both; allowed r here: {divisors[-8:]}"
+                f"{config.variant} needs r dividing both; allowed r here: {common_divisors(d_in, d_out)[-8:]}"
             )
 
 

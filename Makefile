@@ -23,7 +23,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-test-slow: $(STAMP)
+# The slow studies also check GGUF files in llama-cpp-python, built from source here (about 18 min on 2 cores, once).
+SLOW_STAMP := $(VENV)/.slimtune-slow-installed
+$(SLOW_STAMP): $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) llama-cpp-python==0.3.36
+	touch $(SLOW_STAMP)
+
+test-slow: $(SLOW_STAMP)
 	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)

@@ -1,13 +1,15 @@
-"""Convergence study: LoRA vs Bone vs Bat at equal trainable parameters, best of a learning-rate sweep each.
+"""Convergence study: the demo's five methods at equal trainable parameters, best of a learning-rate sweep each.
 
 SmolLM2-135M, all seven projections of every layer, BBC News text: LoRA r=8 (2.44M trainable), Bone r=16
-(2.49M), Bat-Row r=16 (2.40M). Every method runs at each learning rate of its sweep on the same blocks in the
+(2.49M), Bat-Row r=16 (2.40M), SURM circulant b=96 (2.21M), LoRA-SP r=16 with half of A and B frozen (2.44M).
+Every method runs at each learning rate of its sweep on the same blocks in the
 same order (``slimtune.app.compare``); the best learning rate per method is the one with the lowest final held-out
 loss. Prints the best runs' training and held-out losses over steps, writes the curves of the best runs to
 ``<out>/best_curves.png`` and a JSON record. The DiSHA paper claims Bone's loss falls faster than LoRA's: the
 table says whether it does here.
 
-Run: ``.venv/bin/python benchmarks/convergence.py`` (``--steps``, ``--batch``, ``--out``).
+Run: ``.venv/bin/python benchmarks/convergence.py`` (``--steps``, ``--batch``, ``--methods``, ``--out``). The
+demo's learning rates (``slimtune.app.compare.DEFAULT_RUNS``) are this study's best at the demo's 20 steps.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ METHODS = {
     "lora": (st.LoraConfig(r=8, alpha=16.0), (1e-3, 3e-3, 1e-2)),
     "bone": (st.DishaConfig(r=16, variant="bone"), (3e-4, 1e-3, 3e-3)),
     "bat_row": (st.DishaConfig(r=16, variant="bat_row"), (3e-4, 1e-3, 3e-3)),
+    "surm_circulant": (st.SurmConfig(structure="circulant", block_size=96), (3e-4, 1e-3, 3e-3)),
+    "lora_sp": (st.LoraSpConfig(r=16, alpha=32.0, freeze_fraction=0.5), (1e-3, 3e-3, 1e-2)),
 }
 
 
@@ -41,12 +45,18 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--eval-blocks", type=int, default=16)
     parser.add_argument("--out", default="runs/convergence")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), help="default: all")
     args = parser.parse_args()
 
     model, tokenizer = load_smollm2(dtype=torch.float32)
     train_blocks = lm_blocks(tokenizer, split="train", seq_len=args.seq_len, max_blocks=args.steps * args.batch)
     held_out = lm_blocks(tokenizer, split="validation", seq_len=args.seq_len, max_blocks=args.eval_blocks)
-    runs = [CompareRun(f"{name}_lr{lr:g}", config, lr=lr) for name, (config, lrs) in METHODS.items() for lr in lrs]
+    runs = [
+        CompareRun(f"{name}_lr{lr:g}", config, lr=lr)
+        for name in args.methods
+        for config, lrs in [METHODS[name]]
+        for lr in lrs
+    ]
     config = TrainConfig(
         steps=args.steps,
         batch_size=args.batch,

@@ -34,6 +34,8 @@ from slimtune.inject import (
     unload,
     unmerge_adapters,
 )
+from slimtune.lora_conversion import LoraConversion, convert_to_lora
+from slimtune.peft_import import import_peft
 from slimtune.registry import METHODS, config_from_dict
 from slimtune.serialization import load_adapter, save_adapter
 
@@ -49,6 +51,7 @@ __all__ = [
     "DeviceError",
     "DishaConfig",
     "LoraConfig",
+    "LoraConversion",
     "LoraSpConfig",
     "MergeError",
     "ParameterCounts",
@@ -62,10 +65,12 @@ __all__ = [
     "adapted_layers",
     "adapter_configs",
     "config_from_dict",
+    "convert_to_lora",
     "delete_adapter",
     "disable_adapters",
     "export_peft",
     "get_adapted_model",
+    "import_peft",
     "load_adapter",
     "merge_adapters",
     "merge_and_unload",

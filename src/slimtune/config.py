@@ -13,6 +13,7 @@ import abc
 import dataclasses
 import math
 import re
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from slimtune.errors import ConfigError
@@ -138,6 +139,10 @@ class AdapterConfig(DictConfig, abc.ABC):
     def build_adapter(self, base_layer: nn.Module, module_name: str) -> Adapter:
         """This method's adapter on ``base_layer`` (``module_name`` names it in errors)."""
         return self.adapter_class(self, base_layer, module_name)
+
+    def check_adapters(self, adapters: Mapping[str, Adapter]) -> None:
+        """Called once per injection with every adapter built (module name → adapter), before any module is
+        replaced: a method warns or refuses here about the layers together (default: nothing)."""
 
     def _check_target_modules(self) -> None:
         targets = self.target_modules

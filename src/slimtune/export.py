@@ -1,72 +1,70 @@
-"""Export an adapter in PEFT's format where PEFT has the same math (LoRA, and LoRA-SP as a plain LoRA).
+"""Export an adapter as a PEFT adapter folder, for every method PEFT shares the math of.
 
-The folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` as ``peft.PeftModel.from_pretrained``
-reads them, so an adapter trained with slimtune serves wherever PEFT LoRA adapters serve. PEFT itself is not
-needed to export.
+LoRA and LoRA-SP become PEFT LoRA, DiSHA Bone / Bat-Col / mini become PEFT MiSS, SURM's block-circulant update
+becomes PEFT C3A (mappings in :mod:`slimtune.peft_methods`). The folder holds ``adapter_config.json`` and
+``adapter_model.safetensors`` as ``peft.PeftModel.from_pretrained`` reads them, with the ``task_type`` and the
+``base_model_name_or_path`` of the model (:mod:`slimtune.peft_format`), so that
+``peft.AutoPeftModelForCausalLM.from_pretrained(folder)`` loads a causal LM's adapter with its base model.
+PEFT itself is not needed to export. :func:`slimtune.peft_import.import_peft` reads such folders back.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
-from typing import cast
 
 import safetensors.torch
-import torch
 from torch import nn
 
-from slimtune.adapters.base import Adapter, conv1d_class
-from slimtune.adapters.lora import LoraConfig
-from slimtune.errors import AdapterNameError, ConfigError
+from slimtune.errors import AdapterNameError
 from slimtune.fileio import atomic_write, atomic_write_json
 from slimtune.inject import adapted_layers, adapter_configs
+from slimtune.peft_format import KEY_PREFIX, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, head_tensors, model_fields
+from slimtune.peft_methods import peft_method_of
 
-PEFT_CONFIG_NAME = "adapter_config.json"
-PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+logger = logging.getLogger("slimtune")
 
 
 def export_peft(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
-    """Write adapter ``adapter_name`` of ``model`` as a PEFT LoRA adapter into ``directory``; returns the folder.
+    """Write adapter ``adapter_name`` of ``model`` as a PEFT adapter into ``directory``; returns the folder.
+
+    Tensors are named ``base_model.model.<module name>.<PEFT name>``; ``target_modules`` lists the adapted
+    modules by full name. A ``*ForSequenceClassification`` model's head is saved whole too, as PEFT requires for
+    its ``SEQ_CLS`` task type. Nothing is written when the adapter cannot be exported.
 
     Raises:
-        ConfigError: the adapter's method has no PEFT LoRA equivalent (e.g. Bone: use PEFT MiSS instead).
+        AdapterNameError: ``adapter_name`` is not on the model.
+        ConfigError: the method has no PEFT equivalent (DiSHA Bat-Row, SURM structures other than circulant, the
+            SURM adapter mode), a layer PEFT's method cannot adapt (MiSS and C3A take only ``nn.Linear``), or an
+            adapter inside a sequence classifier's head.
     """
     configs = adapter_configs(model)
     if adapter_name not in configs:
         raise AdapterNameError(f"adapter_name={adapter_name!r} is not on the model; it has {list(configs)}")
     config = configs[adapter_name]
-    if not isinstance(config, LoraConfig):
-        raise ConfigError(
-            f"method={config.method!r} has no PEFT LoRA equivalent: export --format peft is allowed for "
-            "'lora' and 'lora_sp'"
+    method = peft_method_of(config)
+    layers = [(name, layer) for name, layer in adapted_layers(model) if adapter_name in layer.adapters]
+    method.check_layers(layers)
+    if method.peft_type == "C3A" and config.dropout > 0:
+        logger.warning(
+            "PEFT C3A has no dropout: dropout=%s of adapter %r is not exported", config.dropout, adapter_name
         )
-    tensors: dict[str, torch.Tensor] = {}
-    modules: list[str] = []
-    fan_in_fan_out = False
-    conv1d = conv1d_class()
-    for name, layer in adapted_layers(model):
-        if adapter_name not in layer.adapters:
-            continue
-        saved = cast(Adapter, layer.adapters[adapter_name]).saved_tensors()
-        tensors[f"base_model.model.{name}.lora_A.weight"] = saved["lora_A"].cpu().contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = saved["lora_B"].cpu().contiguous()
-        modules.append(name)
-        fan_in_fan_out = fan_in_fan_out or (conv1d is not None and isinstance(layer.base_layer, conv1d))
-    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
+    tensors = head_tensors(model)
+    for name, layer in layers:
+        for suffix, tensor in method.export_tensors(layer.adapter(adapter_name)).items():
+            tensors[f"{KEY_PREFIX}{name}.{suffix}"] = tensor.detach().cpu().contiguous()
     peft_config = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": name_or_path or None,
-        "r": config.r,
-        "lora_alpha": config.alpha,
-        "lora_dropout": config.dropout,
-        "use_rslora": config.use_rslora,
-        "target_modules": modules,
-        "fan_in_fan_out": fan_in_fan_out,
+        "peft_type": method.peft_type,
+        **model_fields(model),
+        "target_modules": [name for name, _ in layers],
         "bias": "none",
-        "inference_mode": True,
+        **method.export_fields(config, layers),
     }
     directory = Path(directory)
-    atomic_write(directory / PEFT_WEIGHTS_NAME, lambda tmp: safetensors.torch.save_file(tensors, tmp))
+    atomic_write(
+        directory / PEFT_WEIGHTS_NAME,
+        lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt"}),
+    )
     atomic_write_json(directory / PEFT_CONFIG_NAME, peft_config)
     return directory

@@ -76,6 +76,7 @@ def inject_adapter(
         module = modules[name]
         base = module.base_layer if isinstance(module, AdaptedLayer) else module
         built[name] = config.build_adapter(base, name)
+    config.check_adapters(built)
     if prepare is not None:
         prepare(built)
     for name, adapter in built.items():

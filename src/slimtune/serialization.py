@@ -10,6 +10,7 @@ The version, the JSON and safetensors readers and the check of tensor names and 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any, cast
@@ -21,13 +22,14 @@ from torch import nn
 from slimtune import __version__
 from slimtune.adapters.base import AdaptedLayer, Adapter, base_features, is_supported_base
 from slimtune.errors import AdapterFileError, AdapterNameError, SlimtuneError
-from slimtune.file_format import ADAPTER_FORMAT, check_tensors_fit, read_record, read_tensors
+from slimtune.file_format import ADAPTER_FORMAT, check_tensors_fit, read_json, read_record, read_tensors
 from slimtune.fileio import atomic_write, atomic_write_json
 from slimtune.inject import adapted_layers, adapter_configs, inject_adapter
 from slimtune.registry import config_from_dict
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
+MERGED_ATTRIBUTE = "slimtune_merged_adapters"  # in a merged model's config: [{"sha256", "method", "adapter"}]
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
@@ -66,10 +68,14 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     Raises:
         AdapterFileError: missing or damaged files, a newer format, an adapter for modules this model lacks or
             whose shapes differ (the message names the module and both shapes).
+            Also an adapter that is already merged into ``model`` (its weights' SHA-256 is listed in the model
+            config's ``slimtune_merged_adapters``, which ``slimtune merge`` writes): applying it again would add
+            its update twice.
         AdapterNameError: ``adapter_name`` already exists on the model.
     """
     directory = Path(directory)
     metadata = read_metadata(directory)
+    check_not_merged(model, directory)
     modules: dict[str, dict[str, int]] = metadata["modules"]
     check_modules_fit(model, modules, metadata["base_model"].get("class"), directory)
     tensors = read_tensors(directory / WEIGHTS_NAME, ADAPTER_FORMAT)
@@ -82,10 +88,40 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     )
 
 
+def adapter_fingerprint(directory: str | os.PathLike) -> str:
+    """The SHA-256 (hex) of the adapter weights file in ``directory``: what identifies an adapter once merged."""
+    digest = hashlib.sha256()
+    with open(Path(directory) / WEIGHTS_NAME, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_not_merged(model: nn.Module, directory: Path) -> None:
+    """AdapterFileError when the adapter in ``directory`` is listed as merged in ``model.config``."""
+    merged = getattr(getattr(model, "config", None), MERGED_ATTRIBUTE, None)
+    if not merged or not (directory / WEIGHTS_NAME).is_file():
+        return
+    fingerprint = adapter_fingerprint(directory)
+    for record in merged if isinstance(merged, list) else []:
+        if isinstance(record, dict) and record.get("sha256") == fingerprint:
+            raise AdapterFileError(
+                f"the adapter in {directory} is already merged into this model (merged from "
+                f"{record.get('adapter')!r}, method {record.get('method')!r}): applying it again would add its "
+                "update twice; load it onto the original base model instead"
+            )
+
+
 def read_metadata(directory: Path) -> dict[str, Any]:
     """The checked ``adapter_config.json`` of ``directory``: its fields, format_version, and the types of
     ``modules`` ({module name: {"d_in": int, "d_out": int}}, not empty), ``config`` and ``base_model`` (objects)."""
     path = directory / CONFIG_NAME
+    record = read_json(path, ADAPTER_FORMAT)
+    if isinstance(record, dict) and "peft_type" in record and "slimtune_version" not in record:
+        raise AdapterFileError(
+            f"{directory} holds a PEFT adapter (peft_type={record['peft_type']!r}), not a slimtune one: load it with "
+            "slimtune.import_peft(model, directory) or `slimtune import --adapter DIR --output NEW_DIR`"
+        )
     metadata = read_record(path, ADAPTER_FORMAT, ("slimtune_version", "config", "base_model", "modules"))
     modules, base_model = metadata["modules"], metadata["base_model"]
     shapes_ok = (

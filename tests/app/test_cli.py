@@ -24,7 +24,7 @@ from slimtune.linear_attention import LinearizeConfig
 from slimtune.training import TrainConfig
 from train_script import save_tiny_folder
 
-COMMANDS = ["finetune", "compare", "linearize", "eval", "merge", "export", "bench"]
+COMMANDS = ["finetune", "compare", "linearize", "eval", "merge", "export", "import", "models", "bench"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -228,9 +228,9 @@ def test_finetune_resume_eval_merge_export(tiny, texts, tmp_path, capsys):
 
 
 def test_export_of_a_method_without_peft_equivalent_fails_clearly(tiny, tmp_path, capsys):
-    st.save_adapter(st.get_adapted_model(tiny_llama(), st.DishaConfig(r=6)), tmp_path / "bone")
-    assert run_cli("export", "--model", tiny, "--adapter", tmp_path / "bone", "--output", tmp_path / "peft") == 2
-    assert "method='disha' has no PEFT LoRA equivalent" in capsys.readouterr().err
+    st.save_adapter(st.get_adapted_model(tiny_llama(), st.DishaConfig(r=6, variant="bat_row")), tmp_path / "bat")
+    assert run_cli("export", "--model", tiny, "--adapter", tmp_path / "bat", "--output", tmp_path / "peft") == 2
+    assert "variant='bat_row' has no PEFT equivalent" in capsys.readouterr().err
     assert not (tmp_path / "peft").exists()
 
 

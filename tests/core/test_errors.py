@@ -44,7 +44,6 @@ BAD_SHAPES = [
     (st.DishaConfig(r=7, variant="bat_row"), "r=7 does not divide d_in=30"),
     (st.DishaConfig(r=31, variant="bone"), "r=31 is larger than d_in=30"),
     (st.DishaConfig(r=6, variant="mini", mini_r=4), "mini_r=4 does not divide d_out=42"),
-    (st.LoraConfig(r=19), "r=19 is larger than a dimension of 'fc2'"),
 ]
 
 
@@ -60,6 +59,20 @@ def test_shapes_that_do_not_fit_fail_and_leave_the_model_unchanged(config, named
     assert all(p.requires_grad for p in model.parameters())
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key])
+
+
+@pytest.mark.parametrize("config_class", [st.LoraConfig, st.LoraSpConfig])
+def test_a_rank_above_a_layer_dimension_is_capped_with_one_warning(config_class):
+    """As PEFT: r=19 on fc2 (42 -> 18) keeps A (19, 42) and B (18, 19); one warning names fc2, r and 18."""
+    model = tiny_mlp()
+    with pytest.warns(UserWarning) as record:
+        st.get_adapted_model(model, config_class(r=19))
+    messages = [str(w.message) for w in record if "min(d_in, d_out)" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert "r=19" in messages[0] and "'fc2' (min(d_in, d_out)=18)" in messages[0] and "'fc1'" not in messages[0]
+    adapter = dict(st.adapted_layers(model))["fc2"].adapter("default")
+    a, b = adapter.saved_tensors()["lora_A"], adapter.saved_tensors()["lora_B"]
+    assert a.shape == (19, 42) and b.shape == (18, 19)
 
 
 def test_target_modules_that_match_nothing_list_existing_names():

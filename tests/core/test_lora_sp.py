@@ -97,9 +97,9 @@ def test_export_to_peft_gives_identical_outputs(make, granularity, tmp_path):
     torch.testing.assert_close(model_output(peft_model, inputs), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_export_refuses_methods_without_a_peft_lora_equivalent(tmp_path):
-    model = st.get_adapted_model(tiny_mlp(), st.DishaConfig(r=6))
-    with pytest.raises(st.ConfigError, match="method='disha' has no PEFT LoRA equivalent"):
+def test_export_refuses_methods_without_a_peft_equivalent(tmp_path):
+    model = st.get_adapted_model(tiny_mlp(), st.DishaConfig(r=6, variant="bat_row"))
+    with pytest.raises(st.ConfigError, match="variant='bat_row' has no PEFT equivalent"):
         st.export_peft(model, tmp_path)
 
 

@@ -107,3 +107,25 @@ def test_load_texts_from_a_dataset():
 
 def test_data_error_is_a_slimtune_value_error():
     assert issubclass(DataError, SlimtuneError) and issubclass(DataError, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (bytes(range(256)) * 4, "NUL bytes"),  # a binary file (it used to train as replacement characters)
+        ("one document\n".encode("utf-16"), "UTF-16"),
+        (b"\x01\x02\x03\x04\x05\x06\x07\x08 mostly control bytes \x0e\x0f\x10\x11\x12", "control characters"),
+    ],
+)
+def test_bytes_that_are_not_text_are_refused(tmp_path, content, message):
+    path = tmp_path / "model.txt"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=message) as info:
+        read_text_file(path)
+    assert str(path) in str(info.value)
+
+
+def test_windows_1252_text_with_a_few_odd_bytes_is_read(tmp_path):
+    path = tmp_path / "latin.txt"
+    path.write_bytes("café crème\n\nnaïve text ".encode("cp1252") * 20 + b"\x81")  # 0x81 is undefined in cp1252
+    assert read_text_file(path)[0].startswith("café crème")

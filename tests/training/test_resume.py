@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -115,3 +116,29 @@ def test_resume_without_a_checkpoint_starts_afresh_and_a_fresh_start_keeps_old_c
     with pytest.raises(st.ConfigError, match="holds checkpoints of an earlier run: set resume=True"):
         train(adapted(), token_blocks(12, seed=0), config(tmp_path, steps=2))
     assert latest_checkpoint(checkpoint_root(tmp_path)).name == "step-000002"
+
+
+def learning_rates(output_dir: Path) -> list[float]:
+    return [json.loads(line)["lr"] for line in (output_dir / METRICS_FILE).read_text().splitlines()]
+
+
+def test_extending_a_finished_run_follows_the_new_schedule(tmp_path):
+    """A run of 4 steps extended to 8 with resume trains steps 5-8 at the rates of an 8-step run (it used to train
+    step 5 at the finished 4-step cosine's 0)."""
+    blocks = token_blocks(12, seed=0)
+    train(adapted(), blocks, config(tmp_path / "whole", steps=8, warmup=1))
+    train(adapted(), blocks, config(tmp_path / "extended", steps=4, warmup=1))
+    result = train(adapted(), blocks, config(tmp_path / "extended", steps=8, warmup=1, resume=True))
+    assert result.start_step == 4 and len(result.losses) == 4
+    expected = learning_rates(tmp_path / "whole")[4:]
+    assert learning_rates(tmp_path / "extended")[4:] == pytest.approx(expected, rel=1e-12)
+    progress = (4 - 1) / (8 - 1)  # step 5 of 8 after 1 warm-up step: mid-cosine, not 0
+    assert expected[0] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def test_a_run_shorter_than_checkpoint_every_can_be_extended(tmp_path):
+    blocks = token_blocks(12, seed=0)
+    train(adapted(), blocks, config(tmp_path, steps=3, checkpoint_every=10))
+    assert [p.name for p in checkpoint_root(tmp_path).iterdir()] == ["step-000003"]
+    result = train(adapted(), blocks, config(tmp_path, steps=5, checkpoint_every=10, resume=True))
+    assert result.start_step == 3 and len(result.losses) == 2

@@ -10,9 +10,10 @@ A is a buffer. With AdamW that is (1 − p)·3 instead of 3 float tensors of LoR
 Consequences of freezing (documented choice; the paper leaves them open):
 - Frozen entries of A keep their random initial values (Kaiming, as LoRA).
 - B starts at zero, so frozen entries of B stay zero forever: B is sparse. With ``granularity="element"`` every
-  row and column of B still trains (with probability ≈ 1), so ΔW can reach rank r. With ``granularity="rank"``
-  whole rank components are frozen: rows of A and, independently, columns of B. A frozen B column is a zero
-  column, so its component never contributes: the effective rank is at most r·(1 − p).
+  row and column of B still trains (with probability ≈ 1), so ΔW can reach rank min(r, d_in, d_out). With
+  ``granularity="rank"`` whole rank components are frozen: rows of A and, independently, columns of B. A frozen
+  B column is a zero column, so its component never contributes: the effective rank is at most r·(1 − p).
+- r larger than min(d_in, d_out) is accepted as in LoRA (A and B keep the full r; one warning per injection).
 - The subset is fixed. A re-drawn subset would need full-size gradients (a gradient mask saves nothing) and
   AdamW's moments would keep moving "frozen" entries, so slimtune does not offer it.
 

@@ -1,9 +1,10 @@
 """The ``slimtune`` command line (also ``python -m slimtune``).
 
-Commands: ``finetune``, ``compare``, ``linearize``, ``eval``, ``merge``, ``export`` and ``bench``; ``slimtune
-<command> --help`` lists every option with its default. Defaults work offline on the bundled SmolLM2-135M and
-BBC News (``slimtune finetune`` alone trains a short Bone run); ``--model`` also takes a local Hugging Face folder
-and ``--data`` a ``.txt`` / ``.jsonl`` / ``.csv`` file.
+Commands: ``finetune``, ``compare``, ``linearize``, ``eval``, ``merge``, ``export``, ``import``, ``models`` and
+``bench``; ``slimtune <command> --help`` lists every option with its default. Defaults work offline on the bundled
+SmolLM2-135M and BBC News (``slimtune finetune`` alone trains a short Bone run); ``--model`` also takes a local
+Hugging Face folder, and ``--data`` a ``.txt`` / ``.jsonl`` / ``.csv`` file of documents or a ``.jsonl`` file of
+chats (``messages``, or ``prompt`` + ``completion``: the loss is on the answers only).
 
 Adapter, training and linear-attention options are generated from the fields of the config dataclasses
 (``--r``, ``--variant``, ``--structure``, ``--block-size``, ``--freeze-fraction``, ...), with help taken from their
@@ -25,17 +26,17 @@ from slimtune.app.commands import (
     cmd_bench,
     cmd_compare,
     cmd_evaluate,
-    cmd_export,
     cmd_finetune,
     cmd_linearize,
-    cmd_merge,
 )
+from slimtune.app.data_options import DATA_HELP, TOO_LONG_HELP
+from slimtune.app.file_commands import cmd_export, cmd_import, cmd_merge, cmd_models
 from slimtune.app.options import METHOD_CHOICES, add_config_options, option
 from slimtune.errors import SlimtuneError
 from slimtune.registry import METHODS
+from slimtune.training.data import TOO_LONG
 
-_MODEL_HELP = "'smollm2' (bundled SmolLM2-135M), 'minilm', or a local Hugging Face model folder"
-_DATA_HELP = "'bbc' (bundled BBC News, train split) or a .txt / .jsonl / .csv file of documents"
+_MODEL_HELP = "'smollm2' (the bundled SmolLM2-135M-Instruct) or a local Hugging Face causal-LM folder"
 _METHOD_HELP = (
     f"adapter method: one of {sorted(METHODS)}, or a DiSHA variant {list(DISHA_VARIANTS)} as a shortcut for "
     "'disha --variant ...'"
@@ -65,6 +66,23 @@ def main(argv: list[str] | None = None) -> int:
     except (FloatingPointError, ModuleNotFoundError, FileNotFoundError) as err:
         print(f"slimtune {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"\nslimtune {args.command}: interrupted. {interrupted_hint(args)}", file=sys.stderr)
+        return 130
+
+
+def interrupted_hint(args: argparse.Namespace) -> str:
+    """What an interrupted command left: for ``finetune``, the newest checkpoint and how to go on from it."""
+    if args.command != "finetune":
+        return "Nothing was saved; run the command again."
+    from slimtune.training.checkpoint import checkpoint_root, latest_checkpoint
+
+    root = checkpoint_root(args.output)
+    last = latest_checkpoint(root) if root.is_dir() else None
+    if last is None:
+        return f"No checkpoint was written yet in {args.output}: rerun the same command with --resume to start over."
+    step = int(last.name.removeprefix("step-"))
+    return f"The newest checkpoint is step {step} ({last}): rerun the same command with --resume to go on from it."
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="slimtune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_finetune, _add_compare, _add_linearize, _add_eval, _add_merge_and_export, _add_bench):
+    for add in (
+        _add_finetune,
+        _add_compare,
+        _add_linearize,
+        _add_eval,
+        _add_merge_and_export,
+        _add_import,
+        _add_models,
+        _add_bench,
+    ):
         add(sub)
     return parser
 
@@ -137,17 +164,32 @@ def _add_linearize(sub: Any) -> None:
 
 
 def _add_eval(sub: Any) -> None:
-    p, taken = _command(sub, "eval", cmd_evaluate, "perplexity, or zero-shot BBC News topic accuracy")
+    p, taken = _command(sub, "eval", cmd_evaluate, "perplexity, zero-shot topic accuracy, or lm-eval tasks")
     option(p, taken, "model", default="smollm2", help=_MODEL_HELP)
     option(p, taken, "adapter", default=None, help="a folder written by slimtune.save_adapter to load first")
     option(p, taken, "linear_attention", default=None, help="a folder written by save_linearized to load first")
     option(p, taken, "task", default="perplexity", choices=["perplexity", "topic"], help="what to measure")
-    option(p, taken, "data", default="bbc", help=_DATA_HELP + " (topic: BBC News only)")
-    option(p, taken, "split", default="validation", choices=["train", "validation", "test"], help="BBC News split")
-    option(p, taken, "seq_len", type=int, default=128, help="tokens per block (perplexity)")
+    option(p, taken, "data", default="bbc", help=DATA_HELP + " (topic: BBC News only)")
+    option(
+        p,
+        taken,
+        "split",
+        default="validation",
+        choices=["train", "validation", "test"],
+        help="bbc / bbc-instruct split",
+    )
+    option(p, taken, "seq_len", type=int, default=None, help="tokens per block (default: 128; 256 for chat data)")
+    option(p, taken, "too_long", default="error", choices=list(TOO_LONG), help=TOO_LONG_HELP)
     option(p, taken, "max_blocks", type=int, default=32, help="blocks to evaluate (perplexity)")
     option(p, taken, "max_examples", type=int, default=100, help="articles to classify (topic)")
-    option(p, taken, "batch_size", type=int, default=4, help="blocks per forward pass (perplexity)")
+    option(p, taken, "batch_size", type=int, default=4, help="blocks per forward pass (perplexity, harness)")
+    harness = (
+        "run EleutherAI's lm-evaluation-harness offline on these comma-separated tasks instead of --task: "
+        "bbc_topic (zero-shot topic choice), bbc_perplexity (whole BBC News test articles), or tasks of --include-path"
+    )
+    option(p, taken, "harness", default=None, metavar="TASKS", help=harness)
+    option(p, taken, "limit", type=int, default=None, help="--harness: at most this many examples per task")
+    option(p, taken, "include_path", default=None, help="--harness: a folder of your own lm-eval YAML tasks")
 
 
 def _add_merge_and_export(sub: Any) -> None:
@@ -155,13 +197,44 @@ def _add_merge_and_export(sub: Any) -> None:
     option(p, taken, "model", default="smollm2", help=_MODEL_HELP)
     option(p, taken, "adapter", required=True, help="a folder written by slimtune.save_adapter")
     option(p, taken, "output", required=True, help="the folder to write (save_pretrained + tokenizer)")
+    option(p, taken, "overwrite", action="store_true", help="write into --output even if it is not empty")
     option(p, taken, "dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="saved dtype")
 
-    p, taken = _command(sub, "export", cmd_export, "write an adapter in another library's format")
-    option(p, taken, "format", default="peft", choices=["peft"], help="peft: a PEFT LoRA adapter (lora, lora_sp)")
+    p, taken = _command(
+        sub, "export", cmd_export, "write an adapter or a merged model for PEFT, LoRA servers, llama.cpp"
+    )
+    formats = (
+        "peft: a PEFT adapter folder (LoRA for lora/lora_sp, MiSS for bone/bat_col/mini, C3A for SURM circulant); "
+        "lora: any method converted to a PEFT LoRA for servers (vLLM, llama.cpp): exact for rank-r updates (LoRA, "
+        "LoRA-SP, Bone, mini), a truncated SVD at --rank for the others (the error is printed); gguf: a GGUF file "
+        "of the merged model (llama.cpp's converter)"
+    )
+    option(p, taken, "format", default="peft", choices=["peft", "lora", "gguf"], help=formats)
+    option(p, taken, "model", default="smollm2", help=_MODEL_HELP + "; for gguf without --adapter: the merged folder")
+    option(p, taken, "adapter", default=None, help="a folder written by slimtune.save_adapter (gguf: merged first)")
+    option(p, taken, "output", required=True, help="the folder to write (gguf: the .gguf file)")
+    option(p, taken, "overwrite", action="store_true", help="write into --output even if it is not empty")
+    rank_help = "--format lora: the LoRA rank of every layer (default: exact, the largest rank of any layer's update)"
+    option(p, taken, "rank", type=int, default=None, help=rank_help)
+    outtypes = "--format gguf: the type of the weight matrices (q8_0: 8-bit blocks of 32)"
+    option(p, taken, "outtype", default="f16", choices=["f16", "bf16", "f32", "q8_0"], help=outtypes)
+    fetch = "--format gguf: first fetch llama.cpp's converter from the llama-cpp-python 0.3.36 source (~20 s, once)"
+    option(p, taken, "fetch_converter", action="store_true", help=fetch)
+
+
+def _add_import(sub: Any) -> None:
+    p, taken = _command(sub, "import", cmd_import, "read a PEFT adapter (LoRA, MiSS, C3A) as a slimtune adapter")
     option(p, taken, "model", default="smollm2", help=_MODEL_HELP)
-    option(p, taken, "adapter", required=True, help="a folder written by slimtune.save_adapter")
-    option(p, taken, "output", required=True, help="the folder to write")
+    option(p, taken, "adapter", required=True, help="a PEFT adapter folder (adapter_config.json + .safetensors)")
+    option(p, taken, "output", required=True, help="the slimtune adapter folder to write")
+    option(p, taken, "overwrite", action="store_true", help="write into --output even if it is not empty")
+
+
+def _add_models(sub: Any) -> None:
+    from slimtune.app.models import MODEL_NAMES
+
+    p, taken = _command(sub, "models", cmd_models, "the bundled models and their local folders")
+    option(p, taken, "path", default=None, choices=list(MODEL_NAMES), help="print only this model's folder")
 
 
 def _add_bench(sub: Any) -> None:
@@ -172,15 +245,17 @@ def _add_bench(sub: Any) -> None:
 
 def _model_data_options(p: argparse.ArgumentParser, taken: set[str], output: str) -> None:
     option(p, taken, "model", default="smollm2", help=_MODEL_HELP)
-    option(p, taken, "data", default="bbc", help=_DATA_HELP)
+    option(p, taken, "data", default="bbc", help=DATA_HELP)
     option(
         p,
         taken,
         "eval_data",
         default=None,
-        help="held-out text file (default: the BBC News validation split when --data is bbc, else no evaluation)",
+        help="held-out file of the kind of --data (default: the validation split of bbc / bbc-instruct, else none)",
     )
-    option(p, taken, "seq_len", type=int, default=128, help="tokens per block")
+    option(p, taken, "seq_len", type=int, default=None, help="tokens per block (default: 128; 256 for chat data)")
+    option(p, taken, "too_long", default="error", choices=list(TOO_LONG), help=TOO_LONG_HELP)
     option(p, taken, "train_blocks", type=int, default=1024, help="at most this many training blocks are made")
     option(p, taken, "eval_blocks", type=int, default=16, help="held-out blocks")
     option(p, taken, "output", default=output, help="output folder")
+    option(p, taken, "overwrite", action="store_true", help="replace an earlier run in --output (deletes its results)")

@@ -17,7 +17,10 @@ from typing import Any
 
 import torch
 
+from slimtune.app.data_options import is_chat, resolve_seq_len, training_data
+from slimtune.app.launch import describe_processes
 from slimtune.app.options import adapter_config, collect, parse_run
+from slimtune.app.outputs import check_run_folder
 from slimtune.errors import ConfigError
 
 BENCHMARK = Path("benchmarks") / "adapters.py"  # relative to a source checkout; the wheel ships no benchmarks
@@ -26,16 +29,20 @@ BENCHMARK = Path("benchmarks") / "adapters.py"  # relative to a source checkout;
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Fine-tune a model with one adapter method (base frozen, adapter trained with slimtune.training.train).
 
-    Writes <output>/adapter (slimtune.save_adapter), <output>/metrics.jsonl (one JSON line per step),
-    <output>/checkpoints/step-N every --checkpoint-every steps (--resume goes on from the newest complete one,
-    exactly as if never stopped) and <output>/run.json. Under `accelerate launch`, --batch-size is per process.
+    Writes <output>/adapter (slimtune.save_adapter), <output>/metrics.jsonl (one JSON line per step; TensorBoard
+    scalars in <output>/tensorboard when tensorboard is installed), <output>/loss_curves.png,
+    <output>/checkpoints/step-N every --checkpoint-every steps and after the last (--resume goes on from the
+    newest complete one, exactly as if never stopped; with a larger --steps it extends a finished run) and
+    <output>/run.json. An --output holding an earlier run needs --resume or --overwrite. Under `accelerate launch`,
+    --batch-size is per process; the first line printed says how many processes run.
 
     examples:
       slimtune finetune                       # Bone r=64 on SmolLM2-135M, BBC News, 20 steps
       slimtune finetune --method lora --r 16 --alpha 32 --target-modules q_proj v_proj --lr 1e-3
       slimtune finetune --method surm --structure toeplitz --block-size 64 --lr 1e-3
       slimtune finetune --method lora_sp --freeze-fraction 0.5 --granularity rank --data my_texts.jsonl
-      ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m slimtune finetune
+      slimtune finetune --resume --steps 40     # extend a finished 20-step run to 40 steps
+      ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m slimtune finetune   # 2 CPU processes
     """
     from accelerate import Accelerator
 
@@ -43,24 +50,33 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from slimtune.training.config import TrainConfig
     from slimtune.training.loop import train
 
-    main_process = Accelerator().is_main_process  # the process state train() will use (accelerate launch's)
+    accelerator = Accelerator()  # the process state train() will use (accelerate launch's)
+    main_process = accelerator.is_main_process
     output = Path(args.output)
     config = TrainConfig(**collect(args, args.train_options), output_dir=str(output), desc=f"finetune {args.method}")
     adapter = adapter_config(args.method, collect(args, args.adapter_options, skip_none=True))
+    run = {"method": args.method, "adapter_config": adapter.to_dict()}
+    check_run_folder(output, overwrite=args.overwrite, resume=config.resume, run=run, remove=main_process)
+    accelerator.wait_for_everyone()
+    launch = {"num_processes": accelerator.num_processes, "mixed_precision": str(accelerator.mixed_precision)}
+    if main_process:
+        print(describe_processes(accelerator))
     model, tokenizer = load_named_model(args.model)
-    train_blocks, eval_blocks = blocks_from_args(args, tokenizer)
+    data = training_data(args, tokenizer)
     torch.manual_seed(config.seed)
     model = get_adapted_model(model, adapter)
     counts = parameter_counts(model)
     if main_process:
-        print(f"{args.method} on {args.model}: {counts}")
-    result = train(model, train_blocks, config, eval_blocks)
+        print(f"{args.method} on {args.model} ({next(model.parameters()).dtype} weights): {counts}")
+    result = train(model, data.train, config, data.held_out, loss_fn=data.loss_fn)
     if main_process:
-        _report_finetune(args, model, adapter, config, counts, result)
+        _report_finetune(args, model, adapter, config, counts, result, launch)
     return 0
 
 
-def _report_finetune(args: argparse.Namespace, model: Any, adapter: Any, config: Any, counts: Any, result: Any) -> None:
+def _report_finetune(
+    args: argparse.Namespace, model: Any, adapter: Any, config: Any, counts: Any, result: Any, launch: dict[str, Any]
+) -> None:
     """Save the adapter and ``run.json`` of a finished ``finetune`` run; print its losses."""
     from slimtune.fileio import atomic_write_json
     from slimtune.serialization import save_adapter
@@ -73,6 +89,8 @@ def _report_finetune(args: argparse.Namespace, model: Any, adapter: Any, config:
         "method": args.method,
         "adapter_config": adapter.to_dict(),
         "train_config": dataclasses.asdict(config),
+        **launch,
+        "weights_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "trainable": counts.trainable,
         "total": counts.total,
         "start_step": result.start_step,
@@ -82,6 +100,7 @@ def _report_finetune(args: argparse.Namespace, model: Any, adapter: Any, config:
         "adapter": str(adapter_dir),
     }
     atomic_write_json(output / "run.json", record)
+    plot = plot_run(output, args.method)
     if result.losses:
         first, last = result.losses[0], result.losses[-1]
         steps = f"{result.start_step + 1}-{config.steps}"
@@ -89,7 +108,22 @@ def _report_finetune(args: argparse.Namespace, model: Any, adapter: Any, config:
     if result.eval_losses:
         step, loss = max(result.eval_losses.items())
         print(f"held-out loss after step {step}: {loss:.4f} (perplexity {math.exp(loss):.2f})")
-    print(f"adapter saved to {adapter_dir}")
+    print(f"adapter saved to {adapter_dir}; loss curves: {plot}")
+
+
+def plot_run(output: Path, label: str) -> Path:
+    """Plot the training and held-out losses of every step in ``<output>/metrics.jsonl`` (earlier, resumed parts of
+    the run included) into ``<output>/loss_curves.png``."""
+    from slimtune.app.compare import PLOT_FILE, plot_losses
+    from slimtune.training.metrics import METRICS_FILE
+
+    records = [json.loads(line) for line in (output / METRICS_FILE).read_text(encoding="utf-8").splitlines()]
+    row = {
+        "label": label,
+        "losses": [r["loss"] for r in records],
+        "eval_losses": {str(r["step"]): r["eval_loss"] for r in records if "eval_loss" in r},
+    }
+    return plot_losses([row], output / PLOT_FILE)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -108,8 +142,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     runs = [CompareRun(*parse_run(spec)) for spec in args.run] if args.run else DEFAULT_RUNS
     config = TrainConfig(**collect(args, args.train_options))
+    check_run_folder(Path(args.output), overwrite=args.overwrite)
+    refuse_chat_data(args.data, "compare")
     model, tokenizer = load_named_model(args.model)
-    train_blocks, eval_blocks = blocks_from_args(args, tokenizer)
+    train_blocks, eval_blocks, _ = training_data(args, tokenizer)
     if eval_blocks is None:
         raise ConfigError(f"data={args.data!r} has no held-out split: pass --eval-data with a text file")
     torch.manual_seed(config.seed)
@@ -138,8 +174,10 @@ def cmd_linearize(args: argparse.Namespace) -> int:
     if adapter_values and args.method is None:
         raise ConfigError(f"adapter options {sorted(adapter_values)} need --method")
     adapter = adapter_config(args.method, adapter_values) if args.method else None
+    check_run_folder(Path(args.output), overwrite=args.overwrite)
+    refuse_chat_data(args.data, "linearize")
     model, tokenizer = load_named_model(args.model)
-    train_blocks, eval_blocks = blocks_from_args(args, tokenizer)
+    train_blocks, eval_blocks, _ = training_data(args, tokenizer)
     losses: dict[str, float] = {}
 
     def measure(stage: str) -> None:
@@ -179,15 +217,29 @@ def cmd_linearize(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Evaluate a model, after loading an adapter and/or linear attention: held-out perplexity on text blocks,
-    or zero-shot BBC News topic accuracy (the topic whose name is likeliest after the article's beginning and
-    "Topic:"). Prints one JSON line."""
-    from slimtune.app.corpus import bbc_news_articles, lm_blocks, split_articles
+    """Evaluate a model, after loading an adapter and/or linear attention: held-out perplexity on text blocks
+    (on the answer tokens for chat data: --data bbc-instruct or a chat .jsonl), or zero-shot BBC News topic
+    accuracy (the topic whose name is likeliest after the article's beginning and "Topic:"), or with --harness
+    lm-evaluation-harness tasks run offline (slimtune.app.harness; pip install lm-eval). Prints one JSON line.
+
+    examples:
+      slimtune eval --adapter runs/finetune/adapter                       # held-out BBC News perplexity
+      slimtune eval --harness bbc_topic,bbc_perplexity --limit 100        # lm-eval, base SmolLM2
+      slimtune eval --model merged/ --harness bbc_topic                   # a merged fine-tune
+    """
+    from slimtune.app.corpus import bbc_news_articles, split_articles
+    from slimtune.app.data_options import data_blocks
     from slimtune.app.tasks import topic_accuracy
     from slimtune.serialization import load_adapter
-    from slimtune.training.data import load_texts, pack_for_lm
-    from slimtune.training.evaluate import evaluate_lm
+    from slimtune.training.evaluate import evaluate_loss
+    from slimtune.training.losses import causal_lm_loss, masked_lm_loss
 
+    chat = args.task == "perplexity" and is_chat(args.data)
+    if chat and args.linear_attention:
+        raise ConfigError(
+            "--linear-attention with chat data is not allowed: linear attention carries its state across the "
+            "examples packed in a block (no per-example reset); evaluate it on plain text"
+        )
     model, tokenizer = load_named_model(args.model)
     if args.linear_attention:
         from slimtune.linear_attention import load_linearized
@@ -195,14 +247,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         load_linearized(model, args.linear_attention)
     if args.adapter:
         load_adapter(model, args.adapter)
+    if args.harness:
+        return _run_harness(args, model, tokenizer)
     report: dict[str, Any] = {"task": args.task, "model": args.model, "adapter": args.adapter}
     if args.task == "perplexity":
-        if args.data == "bbc":
-            blocks = lm_blocks(tokenizer, args.split, args.seq_len, args.max_blocks)
-        else:
-            blocks = pack_for_lm(load_texts(args.data), tokenizer, args.seq_len, args.max_blocks)
-        loss = evaluate_lm(model, blocks, args.batch_size)
+        resolve_seq_len(args, chat)
+        blocks = data_blocks(args, tokenizer, args.data, args.split, args.max_blocks)
+        loss = evaluate_loss(model, blocks, masked_lm_loss if chat else causal_lm_loss, args.batch_size)
         report.update(loss=loss, perplexity=math.exp(loss), blocks=len(blocks), seq_len=args.seq_len)
+        report["loss_on"] = "answer tokens" if chat else "every token"
     else:
         if args.data != "bbc":
             raise ConfigError(
@@ -217,28 +270,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_merge(args: argparse.Namespace) -> int:
-    """Load an adapter, merge it into the base weights and save a plain Hugging Face model folder (model and
-    tokenizer; load it with AutoModelForCausalLM.from_pretrained or `slimtune eval --model <folder>`)."""
-    from slimtune.inject import merge_and_unload
-    from slimtune.serialization import load_adapter
+def _run_harness(args: argparse.Namespace, model: Any, tokenizer: Any) -> int:
+    """``eval --harness``: lm-eval on the loaded (adapted, linearised) model; prints one JSON line of metrics."""
+    from slimtune.app.harness import run_harness, summarize
 
-    model, tokenizer = load_named_model(args.model)
-    merged = merge_and_unload(load_adapter(model, args.adapter)).to(getattr(torch, args.dtype))
-    merged.save_pretrained(args.output)
-    tokenizer.save_pretrained(args.output)
-    print(f"merged model saved to {args.output}")
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    """Write a slimtune adapter in PEFT's LoRA format (methods lora and lora_sp; the others have no PEFT LoRA
-    equivalent and are refused). peft.PeftModel.from_pretrained(base_model, <output>) loads it."""
-    from slimtune.export import export_peft
-    from slimtune.serialization import load_adapter
-
-    model, _ = load_named_model(args.model)
-    print(f"PEFT adapter written to {export_peft(load_adapter(model, args.adapter), args.output)}")
+    tasks = [task.strip() for task in args.harness.split(",") if task.strip()]
+    if not tasks:
+        raise ConfigError(f"harness={args.harness!r} names no task: expected e.g. bbc_topic,bbc_perplexity")
+    results = run_harness(
+        model, tasks, tokenizer, limit=args.limit, batch_size=args.batch_size, include_path=args.include_path
+    )
+    print(json.dumps({"harness": summarize(results), "model": args.model, "adapter": args.adapter}))
     return 0
 
 
@@ -256,22 +298,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def load_named_model(name: str) -> tuple[Any, Any]:
-    from slimtune.app.models import load_model
+    """The causal LM and tokenizer that ``--model`` names (the bundled SmolLM2 or a local folder)."""
+    from slimtune.app.models import load_causal_lm
 
-    return load_model(name)
+    return load_causal_lm(name)
 
 
-def blocks_from_args(args: argparse.Namespace, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(training blocks, held-out blocks or None) from --data, --eval-data, --seq-len, --train-blocks, --eval-blocks."""
-    from slimtune.app.corpus import lm_blocks
-    from slimtune.training.data import load_texts, pack_for_lm
-
-    if args.data == "bbc":
-        train_blocks = lm_blocks(tokenizer, "train", args.seq_len, args.train_blocks)
-    else:
-        train_blocks = pack_for_lm(load_texts(args.data), tokenizer, args.seq_len, args.train_blocks)
-    if args.eval_data:
-        return train_blocks, pack_for_lm(load_texts(args.eval_data), tokenizer, args.seq_len, args.eval_blocks)
-    if args.data == "bbc":
-        return train_blocks, lm_blocks(tokenizer, "validation", args.seq_len, args.eval_blocks)
-    return train_blocks, None
+def refuse_chat_data(data: str, command: str) -> None:
+    """ConfigError when ``--data`` holds chat examples, which ``command`` does not train on."""
+    if is_chat(data):
+        raise ConfigError(
+            f"data={data!r} holds chat / instruction examples, which `slimtune {command}` does not train on: "
+            "expected 'bbc' or a plain-text file (chats train with `slimtune finetune`)"
+        )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import platform
 import statistics
 from datetime import datetime, timezone
@@ -47,6 +48,7 @@ from slimtune.training.loop import train
 RECORD_FILE = "compare.json"
 PLOT_FILE = "loss_curves.png"
 FINAL_LOSS_STEPS = 5
+SMOOTHING_WINDOW = 5  # steps averaged in the training-loss curves of the plot
 
 
 @dataclasses.dataclass
@@ -112,11 +114,12 @@ def compare(
 
 def format_table(record: dict[str, Any]) -> str:
     """A Markdown table of a :func:`compare` record's rows."""
-    header = ["method", "trainable params", "% of model", "step s (median)", "peak MB", "train loss", "val loss"]
+    header = ["method", "lr", "trainable params", "% of model", "step s (median)", "peak MB", "train loss", "val loss"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in record["rows"]:
         cells = [
             row["label"],
+            f"{row['lr']:g}",
             f"{row['trainable']:,}",
             f"{100 * row['trainable'] / row['total']:.2f}",
             f"{row['step_seconds_median']:.2f}",
@@ -145,11 +148,16 @@ def plot_losses(rows: list[dict[str, Any]], path: Path, base_eval: float | None 
     figure = Figure(figsize=(11, 4.5), dpi=110)
     train_axes, eval_axes = figure.subplots(1, 2)
     for row in rows:
-        (line,) = train_axes.plot(range(1, len(row["losses"]) + 1), row["losses"], linewidth=1.2, label=row["label"])
+        steps = range(1, len(row["losses"]) + 1)
+        (line,) = train_axes.plot(steps, row["losses"], linewidth=0.6, alpha=0.3)
+        train_axes.plot(steps, smoothed(row["losses"]), linewidth=1.6, color=line.get_color(), label=row["label"])
         evals = sorted((int(step), loss) for step, loss in row["eval_losses"].items())
         evals = ([(0, base_eval)] if base_eval is not None else []) + evals
         eval_axes.plot(*zip(*evals), "o-", color=line.get_color(), label=row["label"])
-    for axes, title in ((train_axes, "training loss (per batch)"), (eval_axes, "held-out loss")):
+    for axes, title in (
+        (train_axes, f"training loss (per batch, faint; {SMOOTHING_WINDOW}-step mean)"),
+        (eval_axes, "held-out loss"),
+    ):
         axes.set_title(title)
         axes.set_xlabel("optimizer step")
         axes.grid(alpha=0.3)
@@ -159,6 +167,12 @@ def plot_losses(rows: list[dict[str, Any]], path: Path, base_eval: float | None 
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
     return path
+
+
+def smoothed(values: list[float], window: int = SMOOTHING_WINDOW) -> list[float]:
+    """The trailing mean of ``values`` over up to ``window`` entries (shorter at the start), one per entry."""
+    sums = [0.0, *itertools.accumulate(values)]
+    return [(sums[i + 1] - sums[max(0, i + 1 - window)]) / min(i + 1, window) for i in range(len(values))]
 
 
 def step_peak_bytes(model: nn.Module, batch: torch.Tensor) -> int:
@@ -185,6 +199,7 @@ def _run_one(
     config: TrainConfig,
     output_dir: Path,
 ) -> dict[str, Any]:
+    torch.manual_seed(config.seed)  # each run's initialisation depends on the seed only, not on the runs before it
     model = get_adapted_model(copy.deepcopy(base_model), run.config)
     counts = parameter_counts(model)
     run_config = dataclasses.replace(

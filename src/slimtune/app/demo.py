@@ -19,20 +19,23 @@ import math
 import time
 
 import torch
+from accelerate import Accelerator
 
 from slimtune.app.compare import DEFAULT_RUNS, best_run, compare, format_table
 from slimtune.app.corpus import lm_blocks
-from slimtune.app.models import load_smollm2
+from slimtune.app.launch import describe_processes
+from slimtune.app.models import load_smollm2, smollm2_cache_folder
 from slimtune.inject import merge_and_unload
 from slimtune.serialization import load_adapter
 from slimtune.training.config import TrainConfig
 
 PROMPT = "The government said"
+DEMO_STEPS = 20  # the learning rates of DEFAULT_RUNS are the convergence study's best at this many steps
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=20, help="AdamW steps per method (default: 20)")
+    parser.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"AdamW steps per method (default: {DEMO_STEPS})")
     parser.add_argument("--batch-size", type=int, default=2, help="blocks per step (default: 2)")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per block (default: 128)")
     parser.add_argument("--eval-blocks", type=int, default=16, help="validation blocks (default: 16)")
@@ -47,13 +50,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
+    print(f"slimtune demo: {describe_processes(Accelerator())}, {torch.get_num_threads()} threads")
     model, tokenizer = load_smollm2(dtype=torch.float32)
     train_blocks = lm_blocks(tokenizer, split="train", seq_len=args.seq_len, max_blocks=args.steps * args.batch_size)
     held_out = lm_blocks(tokenizer, split="validation", seq_len=args.seq_len, max_blocks=args.eval_blocks)
     print(
-        f"SmolLM2-135M and BBC News ready in {time.perf_counter() - start:.1f} s: {len(train_blocks)} training and "
-        f"{len(held_out)} validation blocks of {args.seq_len} tokens; {torch.get_num_threads()} threads"
+        f"SmolLM2-135M-Instruct ({next(model.parameters()).dtype} weights, from {smollm2_cache_folder()}) and BBC "
+        f"News ready in {time.perf_counter() - start:.1f} s: {len(train_blocks)} training and {len(held_out)} "
+        f"validation blocks of {args.seq_len} tokens"
     )
+    if args.steps == DEMO_STEPS:
+        print(f"learning rates: the best of each method's sweep in benchmarks/convergence.py at {DEMO_STEPS} steps")
 
     torch.manual_seed(0)
     config = TrainConfig(

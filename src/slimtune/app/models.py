@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -113,13 +114,72 @@ def load_model(
     A folder is loaded with ``AutoModelForCausalLM`` and ``AutoTokenizer``; nothing is fetched from the hub.
 
     Raises:
-        ConfigError: not a known name and not a folder with a ``config.json``, or a bad ``dtype``.
+        ConfigError: not a known name and not a folder with a ``config.json``, a folder transformers cannot load
+            (no ``model_type``, no weights, ...: the message has transformers' reason), or a bad ``dtype``.
     """
     if name_or_path == "smollm2":
         return load_smollm2(dtype)
     if name_or_path == "minilm":
         return load_minilm(dtype)
     _check_dtype(dtype)
+    folder = _model_folder(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (ValueError, OSError, KeyError, StrictDataclassError) as err:
+        reason = " ".join(line.strip() for line in str(err).splitlines() if line.strip())[:400] or type(err).__name__
+        raise ConfigError(f"name_or_path={str(name_or_path)!r} cannot be loaded by transformers: {reason}") from None
+    return model.eval(), tokenizer
+
+
+def model_folder(name: str) -> Path:
+    """The local Hugging Face folder a bundled model loads from (SmolLM2's cache is built first when missing).
+
+    Raises:
+        ConfigError: ``name`` is not one of :data:`MODEL_NAMES`.
+        ModuleNotFoundError: the package shipping the model is not installed (the message has the pip command).
+    """
+    if name == "smollm2":
+        folder = smollm2_cache_folder()
+        ensure_cache(folder, _convert_smollm2)
+        return folder
+    if name == "minilm":
+        return package_folder(*_MINILM_PACKAGE) / "model"
+    raise ConfigError(f"name={name!r} is not allowed: expected one of {list(MODEL_NAMES)}")
+
+
+def load_causal_lm(
+    name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """:func:`load_model` for the commands that need a causal language model (train, evaluate, merge, export).
+
+    Raises:
+        ConfigError: as :func:`load_model`; or the model is an encoder without a language-model head (``"minilm"``,
+            or a folder whose ``config.json`` names only architectures that are not ``*ForCausalLM`` /
+            ``*LMHeadModel``).
+    """
+    if name_or_path == "minilm":
+        raise ConfigError(
+            "model='minilm' is not allowed here: all-MiniLM-L6-v2 is a sentence encoder (BertModel) without a "
+            "language-model head; expected 'smollm2' or a local causal-LM folder (*ForCausalLM)"
+        )
+    if name_or_path != "smollm2":
+        config_file = _model_folder(name_or_path) / "config.json"
+        try:
+            architectures = json.loads(config_file.read_text(encoding="utf-8")).get("architectures") or []
+        except (ValueError, AttributeError):
+            raise ConfigError(f"{config_file} is not a JSON object: expected a Hugging Face config.json") from None
+        causal = [a for a in architectures if str(a).endswith(("ForCausalLM", "LMHeadModel"))]
+        if architectures and not causal:
+            raise ConfigError(
+                f"model={str(name_or_path)!r} is not allowed here: its config.json names {architectures}, no "
+                "causal language model; expected a folder saved from a *ForCausalLM / *LMHeadModel"
+            )
+    return load_model(name_or_path, dtype)
+
+
+def _model_folder(name_or_path: str | os.PathLike) -> Path:
+    """The local model folder ``name_or_path``; ConfigError when it has no ``config.json``."""
     folder = Path(name_or_path).expanduser()
     if not (folder / "config.json").is_file():
         problem = "does not exist" if not folder.exists() else "has no config.json" if folder.is_dir() else "is a file"
@@ -127,8 +187,7 @@ def load_model(
             f"name_or_path={str(name_or_path)!r} is not allowed: {folder} {problem}; expected one of "
             f"{list(MODEL_NAMES)} or a local Hugging Face model folder"
         )
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
-    return model.eval(), AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return folder
 
 
 def is_complete_cache(folder: Path) -> bool:

@@ -28,9 +28,11 @@ class TrainConfig(DictConfig):
         eval_every: evaluate on the held-out blocks every this many steps (and always after the last one).
         eval_batch_size: blocks per evaluation batch.
         output_dir: where ``metrics.jsonl`` and ``checkpoints/`` go (None: neither is written).
-        checkpoint_every: save a checkpoint every this many steps (needs ``output_dir``).
+        checkpoint_every: save a checkpoint every this many steps and after the last one (needs ``output_dir``),
+            so a finished run can always be extended with ``resume`` and a larger ``steps``.
         keep_checkpoints: how many of the newest checkpoints to keep.
-        resume: go on from the newest complete checkpoint in ``output_dir`` (start afresh when there is none).
+        resume: go on from the newest complete checkpoint in ``output_dir`` (start afresh when there is none);
+            ``lr``, ``warmup`` and ``steps`` may change, the schedule is then this run's at the restored step.
         progress: show a progress bar (main process only).
         desc: the progress bar's label.
     """

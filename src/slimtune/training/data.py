@@ -2,19 +2,24 @@
 
 :func:`read_text_file` reads ``.txt`` / ``.jsonl`` / ``.csv`` documents, :func:`load_texts` also takes a
 ``datasets.Dataset`` with a ``text`` column, and :func:`pack_for_lm` turns texts into [n_blocks, seq_len] token
-blocks. The bundled BBC News corpus is read by :mod:`slimtune.app.corpus`.
+blocks. :func:`pack_examples` packs whole labelled examples (chat / instruction data, read by
+:mod:`slimtune.training.chat_data`) into blocks [n_blocks, seq_len, 3] that never mix examples' attention. The
+bundled BBC News corpus is read by :mod:`slimtune.app.corpus`.
 """
 
 from __future__ import annotations
 
+import bisect
 import csv
+import dataclasses
 import io
 import json
+import logging
 import math
 import os
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +29,11 @@ from slimtune.config import check_int
 from slimtune.errors import ConfigError, DataError
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".csv")
+IGNORE_INDEX = -100
+TOO_LONG = ("error", "drop", "truncate")
 _ENCODE_BATCH = 64
+
+logger = logging.getLogger("slimtune")
 
 
 def pack_for_lm(texts: Iterable[str], tokenizer: Any, seq_len: int, max_blocks: int | None = None) -> torch.Tensor:
@@ -65,6 +74,123 @@ def pack_for_lm(texts: Iterable[str], tokenizer: Any, seq_len: int, max_blocks: 
     return torch.tensor(ids[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
 
 
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One tokenised example: ``input_ids`` [L] and ``labels`` [L], the token where it is in the loss, else -100.
+
+    Labels sit at their token's position, as Hugging Face models take them (the loss shifts them); ``where``
+    names the example's source (file and line) for error messages.
+    """
+
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+    where: str = "an example"
+
+    def __post_init__(self) -> None:
+        if not self.input_ids or len(self.labels) != len(self.input_ids):
+            raise DataError(
+                f"{self.where}: {len(self.input_ids)} input ids and {len(self.labels)} labels; expected as many "
+                "labels as input ids, at least one"
+            )
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def pack_examples(
+    examples: Sequence[Example],
+    seq_len: int,
+    pad_id: int,
+    too_long: str = "error",
+    max_blocks: int | None = None,
+) -> torch.Tensor:
+    """Whole examples packed into blocks [n_blocks, seq_len, 3] (int64) of (input_ids, labels, position_ids).
+
+    Each example goes, in order, into the block with the least room that holds all of it (best fit; a new block
+    when none does), blocks numbered as they open; the rest of a block is padding (``pad_id``, label -100).
+    Position ids restart at 0 with every example and with the padding, so a Hugging Face model called with them,
+    ``attention_mask=None`` and ``use_cache=False`` attends only within each example
+    (:func:`slimtune.training.losses.masked_lm_loss` does so). The first label of every example is
+    -100: nothing of its own example comes before it. The trailing dimension holds the fields so that dims 0
+    and 1 mean what they mean in plain blocks [n_blocks, seq_len] (the loop indexes and counts along them).
+
+    ``too_long`` says what happens to examples longer than ``seq_len`` tokens: ``"error"`` (the default: no
+    example is lost or cut silently) raises, ``"drop"`` leaves them out, ``"truncate"`` keeps their first
+    ``seq_len`` tokens (and drops those left without an answer token); both log a warning with the counts.
+    With ``max_blocks``, only the first ``max_blocks`` blocks are returned.
+
+    Raises:
+        ConfigError: ``seq_len`` < 2, ``max_blocks`` not positive, ``pad_id`` negative or ``too_long`` unknown.
+        DataError: no examples, examples too long under ``too_long="error"`` (how many, and the longest), or
+            none left after dropping.
+    """
+    check_int("seq_len", seq_len, 2)
+    check_int("pad_id", pad_id, 0)
+    check_int("max_blocks", max_blocks, optional=True)
+    if too_long not in TOO_LONG:
+        raise ConfigError(f"too_long={too_long!r} is not allowed: expected one of {list(TOO_LONG)}")
+    if not examples:
+        raise DataError("pack_examples got no examples: expected at least one")
+    bins: list[list[Example]] = []
+    by_room: list[tuple[int, int]] = []  # (free tokens, block index) of the open blocks, sorted
+    for example in _fit_length(examples, seq_len, too_long):
+        place = bisect.bisect_left(by_room, (len(example), -1))
+        if place < len(by_room):
+            free, target = by_room.pop(place)
+        else:
+            free, target = seq_len, len(bins)
+            bins.append([])
+        bins[target].append(example)
+        if free > len(example):
+            bisect.insort(by_room, (free - len(example), target))
+    rows = [_block(members, seq_len, pad_id) for members in bins[:max_blocks]]
+    return torch.tensor(rows, dtype=torch.long).transpose(1, 2).contiguous()  # [n, 3, T] -> [n, T, 3]
+
+
+def _block(members: list[Example], seq_len: int, pad_id: int) -> list[list[int]]:
+    """Rows (input_ids, labels, position_ids), each [seq_len], of one block holding ``members`` and padding."""
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    for example in members:
+        ids += example.input_ids
+        labels += [IGNORE_INDEX, *example.labels[1:]]
+        positions += range(len(example))
+    pad = seq_len - len(ids)
+    return [ids + [pad_id] * pad, labels + [IGNORE_INDEX] * pad, positions + list(range(pad))]
+
+
+def _fit_length(examples: Sequence[Example], seq_len: int, too_long: str) -> list[Example]:
+    """``examples`` no longer than ``seq_len`` tokens, the longer ones handled as ``too_long`` says."""
+    longer = [example for example in examples if len(example) > seq_len]
+    if not longer:
+        return list(examples)
+    longest = max(longer, key=len)
+    summary = (
+        f"{len(longer)} of {len(examples)} examples are longer than seq_len={seq_len} tokens "
+        f"(the longest, {longest.where}, has {len(longest)})"
+    )
+    if too_long == "error":
+        raise DataError(
+            f"{summary}: raise seq_len, or pass too_long='drop' to leave them out or 'truncate' to keep their "
+            "first seq_len tokens"
+        )
+    kept = []
+    for example in examples:
+        if len(example) > seq_len:
+            if too_long == "drop":
+                continue
+            example = Example(example.input_ids[:seq_len], example.labels[:seq_len], example.where)
+            if all(label == IGNORE_INDEX for label in example.labels[1:]):
+                continue
+        kept.append(example)
+    dropped = len(examples) - len(kept)
+    logger.warning("%s; %s, %d dropped", summary, "truncated them" if too_long == "truncate" else "dropped", dropped)
+    if not kept:
+        raise DataError(f"{summary}, and no example is left with too_long={too_long!r}")
+    return kept
+
+
 def read_text_file(path: str | os.PathLike) -> list[str]:
     """The documents in a local text file, by suffix; empty documents are dropped.
 
@@ -76,7 +202,8 @@ def read_text_file(path: str | os.PathLike) -> list[str]:
 
     Raises:
         ConfigError: another suffix.
-        DataError: a malformed line or row (the message names the path and line number), or no text at all.
+        DataError: a malformed line or row (the message names the path and line number), bytes that are not text
+            (binary data, UTF-16), or no text at all.
         FileNotFoundError: ``path`` does not exist.
     """
     path = Path(path)
@@ -84,7 +211,7 @@ def read_text_file(path: str | os.PathLike) -> list[str]:
     suffix = path.suffix.lower()
     if suffix not in readers:
         raise ConfigError(f"path={str(path)!r} is not allowed: expected a file ending in {list(TEXT_SUFFIXES)}")
-    documents = [doc for doc in readers[suffix](decode_text(path.read_bytes()), path) if doc.strip()]
+    documents = [doc for doc in readers[suffix](decode_text(path.read_bytes(), str(path)), path) if doc.strip()]
     if not documents:
         raise DataError(f"{path}: no text in the file; expected at least one non-empty document")
     return documents
@@ -165,10 +292,26 @@ def _read_csv(text: str, path: Path) -> list[str]:
     return documents
 
 
-def decode_text(data: bytes) -> str:
-    """Text of a file: UTF-8 (BOM skipped), else Windows-1252; newlines normalised to ``\\n``."""
+def decode_text(data: bytes, source: str = "the data") -> str:
+    """Text of a file: UTF-8 (BOM skipped), else Windows-1252; newlines normalised to ``\\n``.
+
+    Raises:
+        DataError: the bytes are not text: a NUL byte (binary data, or UTF-16/32 text), or more than 1% control
+            characters other than tab, newline, carriage return and form feed.
+    """
+    if b"\x00" in data:
+        raise DataError(
+            f"{source} is not text: it holds NUL bytes (a binary file, or text in UTF-16/UTF-32); expected UTF-8 "
+            "or Windows-1252 text"
+        )
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         text = data.decode("cp1252", errors="replace")
+    controls = sum(1 for char in text if (ord(char) < 32 and char not in "\t\n\r\f") or char == "\ufffd")
+    if controls > 0.01 * max(1, len(text)):
+        raise DataError(
+            f"{source} is not text: {controls} of its {len(text)} characters are control characters or bytes "
+            "that decode to nothing; expected UTF-8 or Windows-1252 text"
+        )
     return text.replace("\r\n", "\n").replace("\r", "\n")

@@ -9,24 +9,29 @@ import torch
 from torch import nn
 
 from slimtune.errors import ConfigError
-from slimtune.training.losses import LossFn, causal_lm_loss
+from slimtune.training.data import IGNORE_INDEX
+from slimtune.training.losses import LossFn, causal_lm_loss, loss_weight
 
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, blocks: torch.Tensor, loss_fn: LossFn, batch_size: int = 4) -> float:
-    """Mean of ``loss_fn`` over ``blocks`` [n, seq_len] in eval mode (each block weighs the same).
+    """Mean of ``loss_fn`` over the items of ``blocks`` [n, seq_len] (or packed examples [n, seq_len, 3]) in eval mode.
 
-    The blocks go in batches [≤ batch_size, seq_len]; the model's mode is restored afterwards.
+    The blocks go in batches [≤ batch_size, ...], each weighted by its items (:func:`loss_weight`: blocks, or the
+    answer tokens of packed examples), so the result does not depend on ``batch_size``; the model's mode is
+    restored afterwards.
     """
     check_blocks("blocks", blocks, model)
     was_training = model.training
     model.eval()
-    total = 0.0
+    total, items = 0.0, 0
     for i in range(0, len(blocks), batch_size):
         batch = blocks[i : i + batch_size].to(model_device(model))
-        total += loss_fn(model, batch).item() * len(batch)
+        weight = loss_weight(loss_fn, batch)
+        total += loss_fn(model, batch).item() * weight
+        items += weight
     model.train(was_training)
-    return total / len(blocks)
+    return total / max(1, items)
 
 
 def evaluate_lm(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> float:
@@ -35,22 +40,71 @@ def evaluate_lm(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> 
 
 
 def check_blocks(field: str, blocks: Any, model: nn.Module) -> None:
-    """Raise ConfigError unless ``blocks`` are integer token ids [n ≥ 1, seq_len ≥ 2] within the model's vocabulary."""
-    expected = "expected integer token ids [n_blocks, seq_len] with n_blocks >= 1 and seq_len >= 2"
+    """Raise ConfigError unless ``blocks`` are token blocks the loop and its loss functions can use.
+
+    Either integer token ids [n ≥ 1, seq_len ≥ 2] within the model's vocabulary, or packed examples
+    [n ≥ 1, seq_len ≥ 2, 3] of (input_ids, labels, position_ids) as
+    :func:`slimtune.training.data.pack_examples` makes them: input ids within the vocabulary; each label -100
+    or its own position's input id (not shifted), -100 where a sequence starts, and at least one answer label
+    per block; position ids starting at 0 in every block and either going up by one or restarting at 0.
+    """
+    expected = (
+        "expected integer token ids [n_blocks, seq_len] or packed examples [n_blocks, seq_len, 3], "
+        "with n_blocks >= 1 and seq_len >= 2"
+    )
     if not isinstance(blocks, torch.Tensor):
         raise ConfigError(f"{field} is {type(blocks).__name__}: {expected}")
-    if blocks.dim() != 2 or blocks.dtype.is_floating_point or blocks.is_complex():
+    packed = blocks.dim() == 3 and blocks.shape[-1] == 3
+    if (blocks.dim() != 2 and not packed) or blocks.dtype.is_floating_point or blocks.is_complex():
         raise ConfigError(f"{field} is a tensor of shape {tuple(blocks.shape)} and dtype {blocks.dtype}: {expected}")
     if blocks.shape[0] == 0:
         raise ConfigError(f"{field} is empty (shape {tuple(blocks.shape)}): {expected}")
     if blocks.shape[1] < 2:
         raise ConfigError(f"{field} has seq_len={blocks.shape[1]}: {expected} (a next-token loss needs two tokens)")
+    ids = blocks[..., 0] if packed else blocks
     get_embeddings = getattr(model, "get_input_embeddings", None)
     vocab = getattr(get_embeddings(), "num_embeddings", None) if callable(get_embeddings) else None
-    low, high = blocks.min().item(), blocks.max().item()
+    low, high = ids.min().item(), ids.max().item()
     if vocab is not None and (low < 0 or high >= vocab):
+        what = "input ids" if packed else "token ids"
         raise ConfigError(
-            f"{field} holds token ids {low} .. {high}: allowed are 0 .. {vocab - 1} (the model's vocabulary)"
+            f"{field} holds {what} {low} .. {high}: allowed are 0 .. {vocab - 1} (the model's vocabulary)"
+        )
+    if packed:
+        _check_packed(field, blocks)
+
+
+def _check_packed(field: str, blocks: torch.Tensor) -> None:
+    """The labels and position ids of packed examples [n, seq_len, 3] (see :func:`check_blocks`)."""
+    ids, labels, positions = blocks.unbind(-1)  # each [n, T]
+    answer = labels != IGNORE_INDEX
+    bad = answer & (labels != ids)
+    if bad.any():
+        block, position = (int(i) for i in bad.nonzero()[0])
+        raise ConfigError(
+            f"{field}[{block}, {position}] has label {int(labels[block, position])} and input id "
+            f"{int(ids[block, position])}: a label is -100 or the token at its own position (labels are not "
+            "shifted; the loss shifts them)"
+        )
+    follows = positions[:, 1:] == positions[:, :-1] + 1
+    if (positions[:, 0] != 0).any() or not (follows | (positions[:, 1:] == 0)).all():
+        block = int(((positions[:, 0] != 0) | ~(follows | (positions[:, 1:] == 0)).all(1)).nonzero()[0])
+        raise ConfigError(
+            f"{field}[{block}] has position ids {positions[block].tolist()[:12]}...: expected 0 at the start of every "
+            "block and of every example, else the previous position + 1"
+        )
+    starts = answer & (positions == 0)
+    if starts.any():
+        block, position = (int(i) for i in starts.nonzero()[0])
+        raise ConfigError(
+            f"{field}[{block}, {position}] starts a sequence (position id 0) but has label "
+            f"{int(labels[block, position])}: expected -100 there, nothing of its own sequence comes before it"
+        )
+    empty = ~answer.any(1)
+    if empty.any():
+        raise ConfigError(
+            f"{field}[{int(empty.nonzero()[0])}] has no label other than -100: expected at least one answer token "
+            "per block (a mean over no tokens is undefined)"
         )
 
 

@@ -13,8 +13,9 @@ Data order. Optimizer step s takes the global samples ``s·G … (s+1)·G − 1`
 num_processes; micro-step m of process r takes the ``batch_size`` samples starting at ``s·G + (m·P + r)·batch_size``.
 Global sample p is block ``perm_e[p mod n]`` of epoch e = p // n, with ``perm_e`` a permutation drawn from
 (seed, e) (or the identity without shuffling). So the data order depends only on the step, a resumed run sees
-the same data, and 2 processes × batch b give the same steps as 1 process × batch 2b (each block has the same
-number of tokens, so the mean of the processes' mean losses is the global mean).
+the same data, and 2 processes × batch b give the same steps as 1 process × batch 2b: each micro-batch's loss is
+weighted by the items it averages over (:func:`slimtune.training.losses.loss_weight`: blocks, or answer tokens of
+packed chat data) against the whole step's, so the step's gradient is that of the mean over all its items.
 
 Resume (``resume=True``) restores the newest complete checkpoint: trainable parameters, optimizer and
 scheduler state, every process's Python/NumPy/torch RNG and the step (hence the data position), so the final
@@ -46,7 +47,7 @@ from slimtune.errors import ConfigError
 from slimtune.training.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
 from slimtune.training.config import TrainConfig, TrainLMOptions, TrainResult
 from slimtune.training.evaluate import check_blocks, evaluate_loss
-from slimtune.training.losses import LossFn, causal_lm_loss
+from slimtune.training.losses import LossFn, causal_lm_loss, loss_weight
 from slimtune.training.metrics import MetricsLog
 from slimtune.training.order import BlockOrder
 
@@ -215,7 +216,22 @@ def _resume(run: _Run) -> TrainResult:
                 "when it was saved; resume with the same data, batch size, gradient accumulation, seed and number "
                 "of processes, or start in a new output_dir"
             )
+    _follow_new_schedule(run)
     return TrainResult([], 0.0, 0, start_step=state["step"], checkpoint=last)
+
+
+def _follow_new_schedule(run: _Run) -> None:
+    """Set the learning rate restored from a checkpoint to this run's schedule at the restored step.
+
+    The optimizer's saved rate belongs to the old schedule: after a finished run of N steps it is the cosine's 0,
+    so a run extended with a larger ``steps`` (or another ``lr`` or ``warmup``) would train its first new step at
+    the old rate. With the same settings the rate is the one saved, so the resumed run equals an uninterrupted one.
+    """
+    run.scheduler.base_lrs = [run.config.lr for _ in run.optimizer.param_groups]
+    for group, factor in zip(run.optimizer.param_groups, run.scheduler.lr_lambdas):
+        group["initial_lr"] = run.config.lr
+        group["lr"] = run.config.lr * factor(run.scheduler.last_epoch)
+    run.scheduler._last_lr = [group["lr"] for group in run.optimizer.param_groups]  # what get_last_lr() reports
 
 
 @contextlib.contextmanager
@@ -258,12 +274,15 @@ def _forward_backward(run: _Run, blocks: torch.Tensor, step: int, last_checkpoin
     accelerator, config = run.accelerator, run.config
     world, rank, size = accelerator.num_processes, accelerator.process_index, config.batch_size
     first = step * size * config.grad_accum * world
+    # what the step's loss is a mean over, on every process alike (the data order depends only on the step)
+    step_items = loss_weight(run.loss_fn, blocks[run.order.indices(first, size * config.grad_accum * world)])
     total = 0.0
     for micro in range(config.grad_accum):
         batch = blocks[run.order.indices(first + (micro * world + rank) * size, size)].to(accelerator.device)
         last = micro == config.grad_accum - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(run.model):
-            loss = run.loss_fn(run.model, batch)
+            share = loss_weight(run.loss_fn, batch) * world * config.grad_accum / max(1, step_items)
+            loss = run.loss_fn(run.model, batch) * share  # 1.0 for losses that weigh every block the same
             mean = accelerator.reduce(loss.detach(), "mean").item()
             if not math.isfinite(mean):
                 raise _diverged(f"loss is {mean}", run, step, last_checkpoint)
@@ -298,7 +317,11 @@ def _after_step(
         record["eval_loss"] = result.eval_losses[done] = _evaluate(run, eval_blocks)
     if log is not None:  # before the checkpoint: a kill between the two leaves a line the resume drops
         log.write(record)
-    if run.root is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
+    if (
+        run.root is not None
+        and config.checkpoint_every
+        and (done % config.checkpoint_every == 0 or done == config.steps)
+    ):
         samples = done * run.settings["global_batch"]
         state = {"samples": samples, "run": run.settings, "config": dataclasses.asdict(config)}
         result.checkpoint = save_checkpoint(
@@ -316,6 +339,7 @@ def _evaluate(run: _Run, blocks: torch.Tensor) -> float:
     accelerator = run.accelerator
     shard = blocks[accelerator.process_index :: accelerator.num_processes]
     mean = evaluate_loss(run.unwrapped, shard, run.loss_fn, run.config.eval_batch_size) if len(shard) else 0.0
-    counts = torch.tensor([mean * len(shard), float(len(shard))], dtype=torch.float64, device=accelerator.device)
+    weight = float(loss_weight(run.loss_fn, shard)) if len(shard) else 0.0
+    counts = torch.tensor([mean * weight, weight], dtype=torch.float64, device=accelerator.device)
     totals = accelerator.reduce(counts, "sum")
     return (totals[0] / totals[1]).item()

@@ -24,7 +24,7 @@ import torch
 
 import slimtune as st
 from common import format_table, write_record
-from slimtune.app.compare import CompareRun, compare
+from slimtune.app.compare import SMOOTHING_WINDOW, CompareRun, compare, smoothed
 from slimtune.app.corpus import lm_blocks
 from slimtune.app.models import load_smollm2
 from slimtune.training import TrainConfig
@@ -93,10 +93,12 @@ def main() -> None:
 
     figure, (train_axes, eval_axes) = plt.subplots(1, 2, figsize=(11, 4))
     for row in best.values():
-        (line,) = train_axes.plot(range(1, len(row["losses"]) + 1), row["losses"], label=row["label"])
+        steps = range(1, len(row["losses"]) + 1)
+        (line,) = train_axes.plot(steps, row["losses"], linewidth=0.6, alpha=0.3)
+        train_axes.plot(steps, smoothed(row["losses"]), color=line.get_color(), label=row["label"])
         evals = sorted((int(s), v) for s, v in row["eval_losses"].items())
         eval_axes.plot(*zip(*evals), "o-", color=line.get_color(), label=row["label"])
-    train_axes.set(title="training loss", xlabel="step")
+    train_axes.set(title=f"training loss (per batch, faint; {SMOOTHING_WINDOW}-step mean)", xlabel="step")
     eval_axes.set(title="held-out BBC News loss", xlabel="step")
     train_axes.legend()
     figure.tight_layout()

@@ -362,3 +362,12 @@ def test_step_peak_bytes_counts_resident_state_and_grows_with_the_batch():
     small, large = (step_peak_bytes(model, torch.zeros(b, 16, dtype=torch.long)) for b in (1, 8))
     assert resident < small < large
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_smoothed_losses_are_trailing_means():
+    from slimtune.app.compare import smoothed
+
+    values = [4.0, 2.0, 6.0, 1.0, 3.0, 5.0, 0.5]
+    expected = [sum(values[max(0, i - 2) : i + 1]) / len(values[max(0, i - 2) : i + 1]) for i in range(len(values))]
+    assert smoothed(values, window=3) == pytest.approx(expected)
+    assert smoothed([], window=3) == []

@@ -22,9 +22,15 @@ from slimtune.app.gguf_export import GgufExportError, export_gguf, fetch_convert
 from slimtune.app.models import load_smollm2
 
 pytestmark = pytest.mark.slow
-llama_cpp = pytest.importorskip(
-    "llama_cpp", reason="llama-cpp-python is not installed (`pip install llama-cpp-python==0.3.36`, a source build)"
-)
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    """llama-cpp-python, imported only when a slow test runs (so the default suite neither needs nor skips it)."""
+    return pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python is not installed (`make test-slow` builds llama-cpp-python==0.3.36)"
+    )
+
 
 PROMPTS = ("The capital of France is", "Shares in the mobile phone maker rose sharply on Monday after")
 NEW_TOKENS = 20
@@ -75,7 +81,9 @@ def llama_greedy(llm, ids: list[int]) -> tuple[list[int], np.ndarray]:
     return generated, first
 
 
-def test_an_f16_export_decodes_the_same_tokens_as_transformers_and_q8_0_starts_alike(merged, converter, tmp_path):
+def test_an_f16_export_decodes_the_same_tokens_as_transformers_and_q8_0_starts_alike(
+    merged, converter, llama_cpp, tmp_path
+):
     folder, tokenizer, base = merged
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
     prompts = [tokenizer(prompt).input_ids for prompt in PROMPTS]

@@ -4,7 +4,9 @@
    training and validation articles into 128-token blocks.
 2. :func:`slimtune.app.compare.compare` LoRA, Bone, Bat-Row, SURM circulant and LoRA-SP, each with 2.2M–2.5M
    trainable parameters on all seven projections of every layer, for the same ``--steps`` AdamW steps on the
-   same blocks in the same order; print the table; write ``<out>/loss_curves.png`` and ``<out>/compare.json``.
+   same blocks in the same order, each at the best learning rate of its sweep in ``benchmarks/convergence.py`` at
+   these 20 steps (so the table reproduces that study's best runs); print the table; write
+   ``<out>/loss_curves.png`` (per-batch and smoothed training loss, held-out loss) and ``<out>/compare.json``.
 3. Load the adapter with the lowest validation loss into a fresh copy of the model, merge it into the weights
    and generate greedily, beside the base model's generation of the same prompt.
 

@@ -116,14 +116,16 @@ def cmd_import(args: argparse.Namespace) -> int:
       slimtune import --adapter my-peft-lora --output runs/imported/adapter
       slimtune eval --adapter runs/imported/adapter
     """
-    from slimtune.inject import adapter_configs
+    from slimtune.inject import adapted_layers, adapter_configs
     from slimtune.peft_import import import_peft
     from slimtune.serialization import save_adapter
 
     check_new_folder(Path(args.output), overwrite=args.overwrite)
     model, _ = load_named_model(args.model)
     config = adapter_configs(import_peft(model, args.adapter))["default"]
-    print(f"{config.method} adapter ({config.to_dict()}) saved to {save_adapter(model, args.output)}")
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("method", "target_modules")}
+    layers = sum(1 for _ in adapted_layers(model))
+    print(f"{config.method} adapter {settings} on {layers} layers saved to {save_adapter(model, args.output)}")
     return 0
 
 

@@ -164,7 +164,7 @@ def load_causal_lm(
             "language-model head; expected 'smollm2' or a local causal-LM folder (*ForCausalLM)"
         )
     if name_or_path != "smollm2":
-        config_file = _model_folder(name_or_path) / "config.json"
+        config_file = _model_folder(name_or_path, names=("smollm2",)) / "config.json"
         try:
             architectures = json.loads(config_file.read_text(encoding="utf-8")).get("architectures") or []
         except (ValueError, AttributeError):
@@ -178,14 +178,15 @@ def load_causal_lm(
     return load_model(name_or_path, dtype)
 
 
-def _model_folder(name_or_path: str | os.PathLike) -> Path:
-    """The local model folder ``name_or_path``; ConfigError when it has no ``config.json``."""
+def _model_folder(name_or_path: str | os.PathLike, names: tuple[str, ...] = MODEL_NAMES) -> Path:
+    """The local model folder ``name_or_path``; ConfigError (listing ``names`` as the alternatives) when it has no
+    ``config.json``."""
     folder = Path(name_or_path).expanduser()
     if not (folder / "config.json").is_file():
         problem = "does not exist" if not folder.exists() else "has no config.json" if folder.is_dir() else "is a file"
         raise ConfigError(
             f"name_or_path={str(name_or_path)!r} is not allowed: {folder} {problem}; expected one of "
-            f"{list(MODEL_NAMES)} or a local Hugging Face model folder"
+            f"{list(names)} or a local Hugging Face model folder"
         )
     return folder
 

@@ -43,7 +43,7 @@ from slimtune.memory import TensorMemoryPeak
 from slimtune.serialization import save_adapter
 from slimtune.training.config import TrainConfig
 from slimtune.training.evaluate import evaluate_lm
-from slimtune.training.loop import train
+from slimtune.training.loop import enable_gradient_checkpointing, train
 
 RECORD_FILE = "compare.json"
 PLOT_FILE = "loss_curves.png"
@@ -203,6 +203,8 @@ def _run_one(
 ) -> dict[str, Any]:
     torch.manual_seed(config.seed)  # each run's initialisation depends on the seed only, not on the runs before it
     model = get_adapted_model(copy.deepcopy(base_model), run.config)
+    if config.gradient_checkpointing:  # before the peak-memory step, so that it measures the checkpointed step
+        enable_gradient_checkpointing(model)
     counts = parameter_counts(model)
     run_config = dataclasses.replace(
         config,

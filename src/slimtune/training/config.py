@@ -33,6 +33,9 @@ class TrainConfig(DictConfig):
         keep_checkpoints: how many of the newest checkpoints to keep.
         resume: go on from the newest complete checkpoint in ``output_dir`` (start afresh when there is none);
             ``lr``, ``warmup`` and ``steps`` may change, the schedule is then this run's at the restored step.
+        gradient_checkpointing: recompute each transformer block's activations in backward instead of keeping
+            them (HF activation checkpointing, non-reentrant): less memory, about one more forward per
+            step, the same gradients. Needs a Hugging Face model that supports it; left enabled after.
         progress: show a progress bar (main process only).
         desc: the progress bar's label.
     """
@@ -52,6 +55,7 @@ class TrainConfig(DictConfig):
     checkpoint_every: int | None = None
     keep_checkpoints: int = 2
     resume: bool = False
+    gradient_checkpointing: bool = False
     progress: bool = True
     desc: str = "training"
 
@@ -67,6 +71,7 @@ class TrainConfig(DictConfig):
         check_number("max_grad_norm", self.max_grad_norm, above=0, optional=True)
         check_bool("shuffle", self.shuffle)
         check_bool("resume", self.resume)
+        check_bool("gradient_checkpointing", self.gradient_checkpointing)
         if self.output_dir is None:
             for field in ("checkpoint_every", "resume"):
                 if getattr(self, field):
@@ -75,7 +80,7 @@ class TrainConfig(DictConfig):
 
 class LoopOptions(TypedDict, total=False):
     """:class:`TrainConfig` fields that ``attention_transfer`` and ``finetune`` take as keyword arguments:
-    accumulation, clipping, checkpoints and resume. Left out, each keeps its default."""
+    accumulation, clipping, checkpoints, resume and gradient checkpointing. Left out, each keeps its default."""
 
     grad_accum: int
     max_grad_norm: float | None
@@ -83,6 +88,7 @@ class LoopOptions(TypedDict, total=False):
     checkpoint_every: int | None
     keep_checkpoints: int
     resume: bool
+    gradient_checkpointing: bool
 
 
 class TrainLMOptions(LoopOptions, total=False):

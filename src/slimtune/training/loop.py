@@ -166,6 +166,8 @@ def _set_up(
     check_blocks("blocks", blocks, model)
     if eval_blocks is not None:
         check_blocks("eval_blocks", eval_blocks, model)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     accelerator = Accelerator()
     settings = {
         "global_batch": config.batch_size * config.grad_accum * accelerator.num_processes,
@@ -192,6 +194,26 @@ def _set_up(
         settings=settings,
         root=checkpoint_root(config.output_dir) if config.output_dir is not None else None,
     )
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Turn on HF activation (gradient) checkpointing, non-reentrant: each block is recomputed in backward with the
+    RNG state of its forward, and no input needs to require grad (the base is frozen, only adapters train).
+
+    Raises:
+        ConfigError: the model is not a Hugging Face model that supports it (no ``supports_gradient_checkpointing``).
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(
+            f"gradient_checkpointing=True is not allowed for {type(model).__name__}: expected a Hugging Face model "
+            "that supports activation checkpointing"
+        )
+    options = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)  # the transformers 5 name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=options)
+    else:
+        getattr(model, "gradient_checkpointing_enable")(gradient_checkpointing_kwargs=options)  # noqa: B009
 
 
 def _resume(run: _Run) -> TrainResult:

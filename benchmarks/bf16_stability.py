@@ -85,7 +85,7 @@ def main() -> None:
     rows, results = [], {}
     for name, (config, lr) in chosen.items():
         torch.manual_seed(0)
-        model = st.get_adapted_model(copy.deepcopy(base), config)
+        model = st.get_adapted_model(copy.deepcopy(base), config).to(torch.bfloat16)  # adapters too (fp32 default)
         result = run(model, blocks, lr, args.steps)
         results[name] = {"config": config.to_dict(), "lr": lr, **result}
         rows.append(

@@ -182,11 +182,15 @@ def test_a_float32_adapter_on_a_bfloat16_base_computes_like_the_float32_model(me
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_a_float32_adapter_file_loads_into_a_bfloat16_model(method, tmp_path):
+    """As float32 adapters on the bfloat16 base (PEFT's autocast_adapter_dtype), with bfloat16 outputs."""
     model = st.get_adapted_model(tiny_mlp(), METHODS[method]())
     st.save_adapter(model, tmp_path)
     loaded = st.load_adapter(tiny_mlp(dtype=torch.bfloat16), tmp_path)
-    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
-    assert loaded(torch.randn(2, 30, dtype=torch.bfloat16)).isfinite().all()
+    adapter_dtypes = {p.dtype for n, p in loaded.named_parameters() if ".adapters." in n}
+    base_dtypes = {p.dtype for n, p in loaded.named_parameters() if ".adapters." not in n}
+    assert adapter_dtypes == {torch.float32} and base_dtypes == {torch.bfloat16}
+    output = loaded(torch.randn(2, 30, dtype=torch.bfloat16))
+    assert output.dtype == torch.bfloat16 and output.isfinite().all()
 
 
 ADAPTER_NAME_CASES = [

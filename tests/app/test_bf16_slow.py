@@ -36,6 +36,7 @@ def test_every_adapter_stays_finite_for_50_bfloat16_steps(smollm2_bf16, method):
     base, blocks = smollm2_bf16
     config, lr = configs()[method]
     torch.manual_seed(0)
-    result = run(st.get_adapted_model(copy.deepcopy(base), config), blocks, lr, STEPS)
+    adapted = st.get_adapted_model(copy.deepcopy(base), config).to(torch.bfloat16)  # adapters default to float32
+    result = run(adapted, blocks, lr, STEPS)
     assert result["param_dtypes"] == ["torch.bfloat16"]
     assert result["finite_steps"] == STEPS

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import slimtune as st
 import slimtune.app.cli as cli
@@ -166,7 +167,6 @@ def test_models_prints_the_folders_other_tools_load(capsys):
 def test_a_peft_adapter_round_trips_through_export_and_import(tiny, text_file, tmp_path, capsys):
     """Bone leaves as PEFT MiSS and comes back as the same slimtune adapter; load_adapter on a PEFT folder says
     to import it."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     run = tmp_path / "run"
@@ -216,7 +216,6 @@ def test_chat_and_plain_text_data_are_not_mixed(tiny, text_file, tmp_path, capsy
 
 
 def test_export_as_lora_converts_bone_exactly_for_servers(tiny, text_file, tmp_path, capsys):
-    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -256,3 +255,22 @@ def test_gguf_export_writes_one_file_and_never_over_a_folder(tiny, tmp_path, cap
     assert "is a folder: --format gguf writes one file" in one_error_line(capsys)
     assert run_cli("export", "--format", "peft", "--model", tiny, "--output", tmp_path / "peft") == 2
     assert "--format peft needs --adapter" in one_error_line(capsys)
+
+
+def test_dtype_and_mixed_precision_are_options_recorded_in_run_json(tiny, text_file, tmp_path):
+    """In a subprocess: --mixed-precision sets accelerate's process-wide state."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    options = ["--model", tiny, "--data", text_file, "--seq-len", "32", "--method", "lora", "--r", "4", "--steps", "1"]
+    argv = [sys.executable, "-m", "slimtune", "finetune", *options, "--output", out, "--no-progress"]
+    argv += ["--dtype", "bfloat16", "--mixed-precision", "bf16"]
+    done = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "1 process on cpu, mixed precision bf16" in done.stdout and "torch.bfloat16 weights" in done.stdout
+    record = json.loads((out / "run.json").read_text())
+    assert (record["mixed_precision"], record["weights_dtype"]) == ("bf16", "bfloat16")
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(out / "adapter" / "adapter_model.safetensors").values()} == {torch.float32}

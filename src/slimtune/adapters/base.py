@@ -71,9 +71,11 @@ class Factory(TypedDict):
 
 
 def parameter_factory(base_layer: nn.Module) -> Factory:
-    """Device and dtype for new adapter parameters: the base weight's (float32 if it is not floating point)."""
+    """Device and dtype for new adapter parameters: the base weight's device, and its dtype promoted to at least
+    float32 (float32 adapters on a bfloat16 / float16 or quantised base, as PEFT's ``autocast_adapter_dtype``: the
+    small adapter keeps full precision for its updates; ``model.to(dtype)`` afterwards casts it like any module)."""
     weight = linear_weight(base_layer)
-    dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+    dtype = compute_dtype(weight.dtype) if weight.dtype.is_floating_point else torch.float32
     return {"device": weight.device, "dtype": dtype}
 
 

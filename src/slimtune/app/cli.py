@@ -168,6 +168,8 @@ def _add_eval(sub: Any) -> None:
     option(p, taken, "model", default="smollm2", help=_MODEL_HELP)
     option(p, taken, "adapter", default=None, help="a folder written by slimtune.save_adapter to load first")
     option(p, taken, "linear_attention", default=None, help="a folder written by save_linearized to load first")
+    dtype_help = "dtype of the model's weights (adapters stay float32 on a bfloat16 / float16 base)"
+    option(p, taken, "dtype", default="float32", choices=["float32", "bfloat16", "float16"], help=dtype_help)
     option(p, taken, "task", default="perplexity", choices=["perplexity", "topic"], help="what to measure")
     option(p, taken, "data", default="bbc", help=DATA_HELP + " (topic: BBC News only)")
     option(
@@ -259,3 +261,11 @@ def _model_data_options(p: argparse.ArgumentParser, taken: set[str], output: str
     option(p, taken, "eval_blocks", type=int, default=16, help="held-out blocks")
     option(p, taken, "output", default=output, help="output folder")
     option(p, taken, "overwrite", action="store_true", help="replace an earlier run in --output (deletes its results)")
+    _precision_options(p, taken)
+
+
+def _precision_options(p: argparse.ArgumentParser, taken: set[str]) -> None:
+    dtype_help = "dtype of the base model's weights (adapters stay float32 on a bfloat16 / float16 base)"
+    option(p, taken, "dtype", default="float32", choices=["float32", "bfloat16", "float16"], help=dtype_help)
+    precision_help = "autocast through accelerate (default: the launcher's ACCELERATE_MIXED_PRECISION, else no)"
+    option(p, taken, "mixed_precision", default=None, choices=["no", "bf16", "fp16"], help=precision_help)

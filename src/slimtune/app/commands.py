@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from slimtune.training.config import TrainConfig
     from slimtune.training.loop import train
 
+    apply_mixed_precision(args)
     accelerator = Accelerator()  # the process state train() will use (accelerate launch's)
     main_process = accelerator.is_main_process
     output = Path(args.output)
@@ -61,7 +63,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     launch = {"num_processes": accelerator.num_processes, "mixed_precision": str(accelerator.mixed_precision)}
     if main_process:
         print(describe_processes(accelerator))
-    model, tokenizer = load_named_model(args.model)
+    model, tokenizer = load_named_model(args.model, args.dtype)
     data = training_data(args, tokenizer)
     torch.manual_seed(config.seed)
     model = get_adapted_model(model, adapter)
@@ -140,11 +142,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from slimtune.app.compare import DEFAULT_RUNS, CompareRun, compare, format_table
     from slimtune.training.config import TrainConfig
 
+    apply_mixed_precision(args)
     runs = [CompareRun(*parse_run(spec)) for spec in args.run] if args.run else DEFAULT_RUNS
     config = TrainConfig(**collect(args, args.train_options))
     check_run_folder(Path(args.output), overwrite=args.overwrite)
     refuse_chat_data(args.data, "compare")
-    model, tokenizer = load_named_model(args.model)
+    model, tokenizer = load_named_model(args.model, args.dtype)
     train_blocks, eval_blocks, _ = training_data(args, tokenizer)
     if eval_blocks is None:
         raise ConfigError(f"data={args.data!r} has no held-out split: pass --eval-data with a text file")
@@ -169,6 +172,7 @@ def cmd_linearize(args: argparse.Namespace) -> int:
     from slimtune.training.evaluate import evaluate_lm
     from slimtune.training.recovery import attention_transfer, finetune
 
+    apply_mixed_precision(args)
     la_config = LinearizeConfig(**collect(args, args.linear_options))
     adapter_values = collect(args, args.adapter_options, skip_none=True)
     if adapter_values and args.method is None:
@@ -176,7 +180,7 @@ def cmd_linearize(args: argparse.Namespace) -> int:
     adapter = adapter_config(args.method, adapter_values) if args.method else None
     check_run_folder(Path(args.output), overwrite=args.overwrite)
     refuse_chat_data(args.data, "linearize")
-    model, tokenizer = load_named_model(args.model)
+    model, tokenizer = load_named_model(args.model, args.dtype)
     train_blocks, eval_blocks, _ = training_data(args, tokenizer)
     losses: dict[str, float] = {}
 
@@ -240,7 +244,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             "--linear-attention with chat data is not allowed: linear attention carries its state across the "
             "examples packed in a block (no per-example reset); evaluate it on plain text"
         )
-    model, tokenizer = load_named_model(args.model)
+    model, tokenizer = load_named_model(args.model, args.dtype)
     if args.linear_attention:
         from slimtune.linear_attention import load_linearized
 
@@ -297,11 +301,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return subprocess.run([sys.executable, str(script), *args.bench_args], check=False).returncode
 
 
-def load_named_model(name: str) -> tuple[Any, Any]:
-    """The causal LM and tokenizer that ``--model`` names (the bundled SmolLM2 or a local folder)."""
+def load_named_model(name: str, dtype: str = "float32") -> tuple[Any, Any]:
+    """The causal LM and tokenizer that ``--model`` names (the bundled SmolLM2 or a local folder), its weights in
+    ``dtype`` ("float32", "bfloat16" or "float16")."""
     from slimtune.app.models import load_causal_lm
 
-    return load_causal_lm(name)
+    return load_causal_lm(name, getattr(torch, dtype))
+
+
+def apply_mixed_precision(args: argparse.Namespace) -> None:
+    """``--mixed-precision`` as accelerate reads it (ACCELERATE_MIXED_PRECISION), before any Accelerator exists;
+    without the flag the launcher's setting (or "no") stays."""
+    if getattr(args, "mixed_precision", None) is not None:
+        os.environ["ACCELERATE_MIXED_PRECISION"] = args.mixed_precision
 
 
 def refuse_chat_data(data: str, command: str) -> None:

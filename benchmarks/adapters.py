@@ -7,6 +7,14 @@ so that machine drift hits all alike; the median of the rounds is reported. Peak
 parameters + optimizer state plus the peak of tensors allocated during one step (tracked exactly by
 ``slimtune.memory.TensorMemoryPeak``, since CPUs have no allocator peak counter).
 
+The first row is the limit: the frozen base's forward and backward to its inputs, no adapter, no optimizer (an
+adapter step must do at least this, because every adapted layer needs the gradient of its output). On the stack
+the gradient stops at the first layer's output; on SmolLM2 it goes back to the embeddings, which also costs the
+first block's input gradients (about 1/30 of the backward) that an adapter step does not need. Each step is
+also given as a ratio to it (``time_vs_limit``), beside its FLOPs counted by torch's FlopCounterMode as a ratio to
+the limit's (``flops_vs_limit``; matrix products and attention only: SURM's and C3A's FFTs are not counted), so a
+method's time can be read against its own arithmetic.
+
 Run: ``.venv/bin/python benchmarks/adapters.py`` (options: ``--workload smollm2|synthetic|both``,
 ``--rounds``, ``--batch``, ``--seq-len``). Writes ``benchmarks/results/adapters-<time>.json`` and prints tables.
 """
@@ -42,16 +50,21 @@ TARGETS = [
     ("slimtune circulant", "peft c3a", "step_s", 1.0),
     ("slimtune toeplitz", "slimtune circulant", "step_s", 1.5),
 ]
+LIMIT = "frozen base (limit)"  # forward + input backward of the base alone: what no adapter step can beat
 BLOCK = 64  # SURM / C3A block size: divides every SmolLM2 projection (576, 192, 1536) and 2048
 
 
 @dataclasses.dataclass
 class Workload:
+    """A base model, the layers to adapt, one batch, the training loss, and ``input_loss``: the same loss computed
+    from inputs that require grad, so that on the frozen base its backward computes only input gradients."""
+
     name: str
     model: nn.Module
     targets: list[str] | str
     batch: dict[str, torch.Tensor]
     loss: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+    input_loss: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
 
 class LinearStack(nn.Module):
@@ -73,12 +86,18 @@ def smollm2_workload(batch: int, seq_len: int) -> Workload:
 
     model, tokenizer = load_smollm2(dtype=torch.float32)
     ids = lm_blocks(tokenizer, split="train", seq_len=seq_len, max_blocks=batch)
+
+    def input_loss(m: nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        embeddings = m.get_input_embeddings()(b["input_ids"]).detach().requires_grad_(True)  # [B, T, 576]
+        return m(inputs_embeds=embeddings, labels=b["input_ids"]).loss
+
     return Workload(
         "smollm2-135m",
         model,
         SMOLLM2_TARGETS,
         {"input_ids": ids},
         lambda m, b: m(input_ids=b["input_ids"], labels=b["input_ids"]).loss,
+        input_loss,
     )
 
 
@@ -87,8 +106,22 @@ def synthetic_workload(batch: int, seq_len: int, d: int = 2048, depth: int = 4) 
     model = LinearStack(d, depth)
     x = torch.randn(batch, seq_len, d)
     return Workload(
-        f"linear-stack-d{d}x{depth}", model, SYNTHETIC_TARGETS, {"x": x}, lambda m, b: m(b["x"]).pow(2).mean()
+        f"linear-stack-d{d}x{depth}",
+        model,
+        SYNTHETIC_TARGETS,
+        {"x": x},
+        lambda m, b: m(b["x"]).pow(2).mean(),
+        stack_input_loss,
     )
+
+
+def stack_input_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The stack's loss with the gradient flowing back to the first layer's output, the earliest gradient an adapted
+    step needs (the model's own input gradient, one more d×d product, is not needed by any adapter)."""
+    h = model.layers[0](batch["x"]).detach().requires_grad_(True)  # [B, T, d]
+    for layer in model.layers[1:]:
+        h = layer(nn.functional.gelu(h))
+    return nn.functional.gelu(h).pow(2).mean()
 
 
 def configurations(targets: list[str] | str) -> dict[str, Callable[[nn.Module], nn.Module]]:
@@ -145,8 +178,32 @@ def adapter_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> i
     return grads + state
 
 
+def frozen_base_run(work: Workload) -> dict[str, object]:
+    """The limit no adapter step can beat: the frozen base's forward and its backward to the inputs (every layer's
+    input gradient, no weight gradient, no optimizer)."""
+    model = copy.deepcopy(work.model).train().requires_grad_(False)
+    optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1e-4)  # empty state: adds no bytes
+
+    def step() -> None:
+        work.input_loss(model, work.batch).backward()
+
+    return {"model": model, "optimizer": optimizer, "step": step, "times": []}
+
+
+def step_flops(step: Callable[[], None]) -> int:
+    """Floating-point operations of one call of ``step`` as torch's FlopCounterMode counts them: matrix products and
+    attention; FFTs (SURM, C3A) and elementwise operations are not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
 def run_workload(work: Workload, rounds: int, warmup: int) -> list[dict[str, object]]:
-    runs = {}
+    runs = {LIMIT: frozen_base_run(work)}
+    for _ in range(warmup):
+        runs[LIMIT]["step"]()
     for name, adapt in configurations(work.targets).items():
         model = adapt(copy.deepcopy(work.model)).train()
         give_adapters_values(model)
@@ -172,6 +229,7 @@ def run_workload(work: Workload, rounds: int, warmup: int) -> list[dict[str, obj
         rows.append(
             {
                 "config": name,
+                "gflops": step_flops(run["step"]) / 1e9,
                 "trainable": sum(p.numel() for p in run["model"].parameters() if p.requires_grad),
                 "step_s": statistics.median(run["times"]),
                 "step_s_all": run["times"],
@@ -184,6 +242,8 @@ def run_workload(work: Workload, rounds: int, warmup: int) -> list[dict[str, obj
     for row in rows:
         row["time_vs_peft_lora"] = row["step_s"] / by_name["peft lora"]["step_s"]
         row["peak_vs_peft_lora"] = row["peak_mb"] / by_name["peft lora"]["peak_mb"]
+        row["time_vs_limit"] = row["step_s"] / by_name[LIMIT]["step_s"]
+        row["flops_vs_limit"] = row["gflops"] / by_name[LIMIT]["gflops"]
     return rows
 
 
@@ -227,6 +287,8 @@ def main() -> None:
             "config",
             "trainable",
             "step_s",
+            "time_vs_limit",
+            "flops_vs_limit",
             "time_vs_peft_lora",
             "peak_mb",
             "peak_vs_peft_lora",

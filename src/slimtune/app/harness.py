@@ -32,6 +32,7 @@ from torch import nn
 from slimtune.app.corpus import bbc_news_articles, split_articles
 from slimtune.app.models import cache_root, ensure_cache, load_smollm2_tokenizer, smollm2_cache_folder
 from slimtune.errors import ConfigError
+from slimtune.fileio import atomic_write_jsonl
 
 TASKS = ("bbc_topic", "bbc_perplexity")
 LM_EVAL_REQUIREMENT = "lm-eval==0.4.13"
@@ -153,8 +154,8 @@ def write_task_data(folder: str | os.PathLike, seed: int = 0, topic_words: int =
     topics = sorted({a.topic for a in articles}, key=lambda topic: _label_of(articles, topic))
     test = split_articles(articles, seed=seed)["test"]
     topic_rows = [{"text": " ".join(a.text.split()[:topic_words]), "choices": topics, "label": a.label} for a in test]
-    _write_jsonl(folder / "bbc_topic.jsonl", topic_rows)
-    _write_jsonl(folder / "bbc_perplexity.jsonl", [{"text": a.text, "topic": a.topic} for a in test])
+    atomic_write_jsonl(folder / "bbc_topic.jsonl", topic_rows)
+    atomic_write_jsonl(folder / "bbc_perplexity.jsonl", [{"text": a.text, "topic": a.topic} for a in test])
     return folder
 
 
@@ -211,7 +212,3 @@ def _require_lm_eval() -> None:
 
 def _label_of(articles: Sequence[Any], topic: str) -> int:
     return next(a.label for a in articles if a.topic == topic)
-
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from slimtune.errors import ConfigError, DataError
+from slimtune.fileio import atomic_write_jsonl
 from slimtune.training.data import IGNORE_INDEX, Example, decode_text, pack_examples
 from slimtune.training.evaluate import model_device
 
@@ -116,13 +117,10 @@ def check_record(record: Any, where: str = "the example") -> str:
 
 
 def write_chat_jsonl(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
-    """Write ``records`` (checked as :func:`check_records`) to ``path``, one JSON object per line, UTF-8."""
+    """Write ``records`` (checked as :func:`check_records`) to ``path``, one JSON object per line, UTF-8, atomically."""
     check_records(records, source=str(path))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps(record, ensure_ascii=False) for record in records]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    atomic_write_jsonl(path, records)
+    return Path(path)
 
 
 def encode_examples(

@@ -24,10 +24,9 @@ import torch
 
 import slimtune as st
 from common import format_table, write_record
-from slimtune.app.compare import SMOOTHING_WINDOW, CompareRun, compare, smoothed
+from slimtune.app.compare import SMOOTHING_WINDOW, CompareRun, compare, smoothed, study_config
 from slimtune.app.corpus import lm_blocks
 from slimtune.app.models import load_smollm2
-from slimtune.training import TrainConfig
 
 METHODS = {
     "lora": (st.LoraConfig(r=8, alpha=16.0), (1e-3, 3e-3, 1e-2)),
@@ -57,14 +56,7 @@ def main() -> None:
         for config, lrs in [METHODS[name]]
         for lr in lrs
     ]
-    config = TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch,
-        warmup=max(1, args.steps // 10),
-        seed=0,
-        eval_every=max(1, args.steps // 5),
-        progress=False,
-    )
+    config = study_config(args.steps, args.batch, evaluations=5, progress=False)
     record = compare(model, runs, train_blocks, held_out, config, args.out, model_name="SmolLM2-135M-Instruct")
 
     best = {}

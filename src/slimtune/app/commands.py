@@ -151,7 +151,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     train_blocks, eval_blocks, _ = training_data(args, tokenizer)
     if eval_blocks is None:
         raise ConfigError(f"data={args.data!r} has no held-out split: pass --eval-data with a text file")
-    torch.manual_seed(config.seed)
     record = compare(model, runs, train_blocks, eval_blocks, config, args.output, model_name=args.model)
     print(format_table(record))
     print(f"record: {Path(args.output) / 'compare.json'}; plot: {Path(args.output) / 'loss_curves.png'}")

@@ -74,6 +74,19 @@ DEFAULT_RUNS = [
 ]
 
 
+def study_config(steps: int, batch_size: int, evaluations: int, progress: bool = True) -> TrainConfig:
+    """The training settings the demo and ``benchmarks/convergence.py`` share, so that the demo's runs are the
+    study's: seed 0, warm-up over a tenth of the steps (at least 1), ``evaluations`` held-out evaluations."""
+    return TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        warmup=max(1, steps // 10),
+        seed=0,
+        eval_every=max(1, steps // evaluations),
+        progress=progress,
+    )
+
+
 def compare(
     base_model: nn.Module,
     runs: list[CompareRun],

@@ -23,13 +23,12 @@ import time
 import torch
 from accelerate import Accelerator
 
-from slimtune.app.compare import DEFAULT_RUNS, best_run, compare, format_table
+from slimtune.app.compare import DEFAULT_RUNS, best_run, compare, format_table, study_config
 from slimtune.app.corpus import lm_blocks
 from slimtune.app.launch import describe_processes
 from slimtune.app.models import load_smollm2, smollm2_cache_folder
 from slimtune.inject import merge_and_unload
 from slimtune.serialization import load_adapter
-from slimtune.training.config import TrainConfig
 
 PROMPT = "The government said"
 DEMO_STEPS = 20  # the learning rates of DEFAULT_RUNS are the convergence study's best at this many steps
@@ -64,14 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps == DEMO_STEPS:
         print(f"learning rates: the best of each method's sweep in benchmarks/convergence.py at {DEMO_STEPS} steps")
 
-    torch.manual_seed(0)
-    config = TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        warmup=max(1, args.steps // 10),
-        seed=0,
-        eval_every=max(1, args.steps // 2),
-    )
+    config = study_config(args.steps, args.batch_size, evaluations=2)
     runs = [run for run in DEFAULT_RUNS if run.label in args.methods]
     record = compare(model, runs, train_blocks, held_out, config, args.out, model_name="SmolLM2-135M-Instruct")
     print(f"\n## {args.steps} steps of {args.batch_size} x {args.seq_len} tokens per method\n")

@@ -196,10 +196,9 @@ def _add_eval(sub: Any) -> None:
 
 def _add_merge_and_export(sub: Any) -> None:
     p, taken = _command(sub, "merge", cmd_merge, "merge an adapter into the weights; save a plain HF model folder")
-    option(p, taken, "model", default="smollm2", help=_MODEL_HELP)
-    option(p, taken, "adapter", required=True, help="a folder written by slimtune.save_adapter")
-    option(p, taken, "output", required=True, help="the folder to write (save_pretrained + tokenizer)")
-    option(p, taken, "overwrite", action="store_true", help="write into --output even if it is not empty")
+    _file_options(
+        p, taken, "a folder written by slimtune.save_adapter", "the folder to write (save_pretrained + tokenizer)"
+    )
     option(p, taken, "dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="saved dtype")
 
     p, taken = _command(
@@ -212,10 +211,13 @@ def _add_merge_and_export(sub: Any) -> None:
         "of the merged model (llama.cpp's converter)"
     )
     option(p, taken, "format", default="peft", choices=["peft", "lora", "gguf"], help=formats)
-    option(p, taken, "model", default="smollm2", help=_MODEL_HELP + "; for gguf without --adapter: the merged folder")
-    option(p, taken, "adapter", default=None, help="a folder written by slimtune.save_adapter (gguf: merged first)")
-    option(p, taken, "output", required=True, help="the folder to write (gguf: the .gguf file)")
-    option(p, taken, "overwrite", action="store_true", help="write into --output even if it is not empty")
+    _file_options(
+        p,
+        taken,
+        "a folder written by slimtune.save_adapter (gguf: merged first; without it --model is the merged folder)",
+        "the folder to write (gguf: the .gguf file)",
+        adapter_required=False,
+    )
     rank_help = "--format lora: the LoRA rank of every layer (default: exact, the largest rank of any layer's update)"
     option(p, taken, "rank", type=int, default=None, help=rank_help)
     outtypes = "--format gguf: the type of the weight matrices (q8_0: 8-bit blocks of 32)"
@@ -226,9 +228,18 @@ def _add_merge_and_export(sub: Any) -> None:
 
 def _add_import(sub: Any) -> None:
     p, taken = _command(sub, "import", cmd_import, "read a PEFT adapter (LoRA, MiSS, C3A) as a slimtune adapter")
+    _file_options(
+        p, taken, "a PEFT adapter folder (adapter_config.json + .safetensors)", "the slimtune adapter folder to write"
+    )
+
+
+def _file_options(
+    p: argparse.ArgumentParser, taken: set[str], adapter_help: str, output_help: str, adapter_required: bool = True
+) -> None:
+    """--model, --adapter, --output and --overwrite of the commands that write a model or adapter folder."""
     option(p, taken, "model", default="smollm2", help=_MODEL_HELP)
-    option(p, taken, "adapter", required=True, help="a PEFT adapter folder (adapter_config.json + .safetensors)")
-    option(p, taken, "output", required=True, help="the slimtune adapter folder to write")
+    option(p, taken, "adapter", required=adapter_required, default=None, help=adapter_help)
+    option(p, taken, "output", required=True, help=output_help)
     option(p, taken, "overwrite", action="store_true", help="write into --output even if it is not empty")
 
 

@@ -22,17 +22,11 @@ import slimtune.app.options as options
 from cases import tiny_llama
 from slimtune.linear_attention import LinearizeConfig
 from slimtune.training import TrainConfig
-from train_script import save_tiny_folder
 
 COMMANDS = ["finetune", "compare", "linearize", "eval", "merge", "export", "import", "models", "bench"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return save_tiny_folder(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")

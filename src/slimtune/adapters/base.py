@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimtune.adapters.quantized import dense_weight, keep_trainable_layout, quantization_of, quantized_features
 from slimtune.config import AdapterConfig
 from slimtune.errors import AdapterNameError, DeviceError, MergeError, ShapeError, TargetModulesError
 
@@ -41,13 +42,21 @@ def is_supported_base(module: nn.Module) -> bool:
 
 
 def base_features(module: nn.Module) -> tuple[int, int]:
-    """(d_in, d_out) of a supported base layer."""
+    """(d_in, d_out) of a supported base layer (bitsandbytes-quantised ``nn.Linear`` layers included)."""
     if not is_supported_base(module):
         raise TargetModulesError(
             f"module of type {type(module).__name__} cannot be adapted: allowed types are nn.Linear and "
             "transformers' Conv1D"
         )
-    d_out, d_in = linear_weight(module).shape
+    if quantization_of(module) is not None:
+        return quantized_features(module)
+    weight = linear_weight(module)
+    if not weight.dtype.is_floating_point:
+        raise TargetModulesError(
+            f"module of type {type(module).__name__} has a {weight.dtype} weight of shape {tuple(weight.shape)}: "
+            "allowed are floating-point weights and bitsandbytes Linear4bit / Linear8bitLt layers"
+        )
+    d_out, d_in = weight.shape
     return d_in, d_out
 
 
@@ -203,6 +212,7 @@ class AdaptedLayer(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.d_in, self.d_out = base_features(base_layer)
+        keep_trainable_layout(base_layer)
         self.adapters = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
@@ -248,7 +258,10 @@ class AdaptedLayer(nn.Module):
         return [self.adapter(n) for n in self._pending_names()]
 
     def base_weight(self) -> torch.Tensor:
-        """The stored base weight in ``nn.Linear`` orientation, (d_out, d_in)."""
+        """The base weight in ``nn.Linear`` orientation, (d_out, d_in): the stored one, or for a quantised layer a
+        dequantised copy."""
+        if quantization_of(self.base_layer) is not None:
+            return dense_weight(self.base_layer)
         return linear_weight(self.base_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -304,9 +317,12 @@ class AdaptedLayer(nn.Module):
         Computed in :func:`compute_dtype` of the weight (float64 stays float64, lower precisions use float32).
         Merging an active adapter must not change the output, so an adapter that does not commute with an
         active, unmerged adapter ahead of it in the chain (a weight-dependent one, or itself weight-dependent)
-        cannot be merged before that one: :class:`MergeError` says which to merge first.
+        cannot be merged before that one: :class:`MergeError` says which to merge first. A quantised base weight
+        is not merged into (:meth:`check_mergeable`).
         """
         names = self._pending_names() if adapter_names is None else list(adapter_names)
+        if names:
+            self.check_mergeable()
         for name in names:
             if name not in self.adapters:
                 raise AdapterNameError(f"adapter_name={name!r} is not on this layer; it has {list(self.adapters)}")
@@ -326,6 +342,17 @@ class AdaptedLayer(nn.Module):
             weight, bias = self._compute_weight_and_bias()
             self._write(adapter.merged_weight(weight), adapter.merged_bias(bias))
             self.merged_adapters.append(name)
+
+    def check_mergeable(self) -> None:
+        """MergeError if the base weight is quantised: W + ΔW would be requantised, and the 4-bit / int8 step of W is
+        larger than a fine-tune's ΔW, so most of the update would round away."""
+        kind = quantization_of(self.base_layer)
+        if kind is not None:
+            raise MergeError(
+                f"this layer's base weight is quantised ({kind}, bitsandbytes {type(self.base_layer).__name__}); "
+                "merging would requantise W + ΔW and round most of the update away: merge into the full-precision "
+                "model instead (load it without quantisation, load_adapter, then merge_and_unload)"
+            )
 
     @torch.no_grad()
     def unmerge(self) -> None:

@@ -32,6 +32,7 @@ from slimtune.app.commands import (
 from slimtune.app.data_options import DATA_HELP, TOO_LONG_HELP
 from slimtune.app.file_commands import cmd_export, cmd_import, cmd_merge, cmd_models
 from slimtune.app.options import METHOD_CHOICES, add_config_options, option
+from slimtune.app.quantized_base import QUANTIZE_CHOICES, QUANTIZE_HELP, quiet_bitsandbytes_notice
 from slimtune.errors import SlimtuneError
 from slimtune.registry import METHODS
 from slimtune.training.data import TOO_LONG
@@ -52,6 +53,7 @@ _RUN_HELP = (
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    quiet_bitsandbytes_notice()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command == "bench":
@@ -119,6 +121,7 @@ def _add_finetune(sub: Any) -> None:
     p, taken = _command(sub, "finetune", cmd_finetune, "fine-tune a model with one adapter method")
     _model_data_options(p, taken, output="runs/finetune")
     option(p, taken, "method", default="bone", choices=METHOD_CHOICES, help=_METHOD_HELP)
+    option(p, taken, "quantize", default=None, choices=list(QUANTIZE_CHOICES), help=QUANTIZE_HELP)
     group = p.add_argument_group("training")
     defaults = {"steps": 20, "lr": 1e-4, "warmup": 2, "eval_every": 10, "checkpoint_every": 10}
     train = add_config_options(group, {"train": TrainConfig}, taken, "train", exclude=TRAIN_SKIP, defaults=defaults)
@@ -132,6 +135,7 @@ def _add_compare(sub: Any) -> None:
     p, taken = _command(sub, "compare", cmd_compare, "train several methods alike: table, loss plot, JSON record")
     _model_data_options(p, taken, output="runs/compare")
     option(p, taken, "run", action="append", metavar="SPEC", help=_RUN_HELP)
+    option(p, taken, "quantize", default=None, choices=list(QUANTIZE_CHOICES), help=QUANTIZE_HELP)
     group = p.add_argument_group("training (shared by every run)")
     skip = TRAIN_SKIP | {"checkpoint_every", "keep_checkpoints", "resume"}
     defaults = {"steps": 20, "lr": 1e-3, "warmup": 2, "eval_every": 10}
@@ -170,6 +174,7 @@ def _add_eval(sub: Any) -> None:
     option(p, taken, "linear_attention", default=None, help="a folder written by save_linearized to load first")
     dtype_help = "dtype of the model's weights (adapters stay float32 on a bfloat16 / float16 base)"
     option(p, taken, "dtype", default="float32", choices=["float32", "bfloat16", "float16"], help=dtype_help)
+    option(p, taken, "quantize", default=None, choices=list(QUANTIZE_CHOICES), help=QUANTIZE_HELP)
     option(p, taken, "task", default="perplexity", choices=["perplexity", "topic"], help="what to measure")
     option(p, taken, "data", default="bbc", help=DATA_HELP + " (topic: BBC News only)")
     option(

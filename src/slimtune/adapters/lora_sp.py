@@ -4,8 +4,8 @@
 drawn once from a seed and the module's name (so the same config gives the same subsets on every run).
 
 Real savings: only the trainable entries are a parameter (``lora_A_values``, ``lora_B_values``, 1-D), so
-gradients and optimizer state cover only them; a boolean mask buffer says where they go, and the frozen part of
-A is a buffer. With AdamW that is (1 − p)·3 instead of 3 float tensors of LoRA's size for gradient + two moments.
+gradients and optimizer state cover only them; an index buffer says where they go, and the frozen part of A is a
+buffer. With AdamW that is (1 − p)·3 instead of 3 float tensors of LoRA's size for gradient + two moments.
 
 Consequences of freezing (documented choice; the paper leaves them open):
 - Frozen entries of A keep their random initial values (Kaiming, as LoRA).
@@ -24,6 +24,7 @@ slimtune (masks redrawn from the seed) and exports as a standard PEFT LoRA adapt
 from __future__ import annotations
 
 import dataclasses
+import math
 import zlib
 from typing import ClassVar
 
@@ -90,12 +91,14 @@ class LoraSpAdapter(LoraAdapter):
     """LoRA-SP on one layer.
 
     Parameters: ``lora_A_values`` (k_A,), ``lora_B_values`` (k_B,). Buffers: ``lora_A_frozen`` (r, d_in) the
-    initial A, ``lora_A_mask`` (r, d_in) and ``lora_B_mask`` (d_out, r), True where an entry trains.
+    initial A, ``lora_A_index`` (k_A,) and ``lora_B_index`` (k_B,), the row-major positions of the trainable entries
+    in A (r, d_in) and B (d_out, r), ascending, int32. The forward scatters the values to those positions (a scatter
+    and its backward gather are several times faster than a boolean ``masked_scatter`` on CPU).
     """
 
     lora_A_frozen: torch.Tensor
-    lora_A_mask: torch.Tensor
-    lora_B_mask: torch.Tensor
+    lora_A_index: torch.Tensor
+    lora_B_index: torch.Tensor
 
     def __init__(self, config: LoraSpConfig, base_layer: nn.Module, module_name: str) -> None:
         super().__init__(config, base_layer, module_name)
@@ -108,19 +111,31 @@ class LoraSpAdapter(LoraAdapter):
         initial_a, initial_b = self.lora_A.detach(), self.lora_B.detach()
         del self.lora_A, self.lora_B
         self.register_buffer("lora_A_frozen", initial_a.clone())
-        self.register_buffer("lora_A_mask", mask_a)
-        self.register_buffer("lora_B_mask", mask_b)
-        self.lora_A_values = nn.Parameter(initial_a[mask_a].clone())
+        self.register_buffer("lora_A_index", mask_a.flatten().nonzero().squeeze(1).to(torch.int32))
+        self.register_buffer("lora_B_index", mask_b.flatten().nonzero().squeeze(1).to(torch.int32))
+        self.lora_A_values = nn.Parameter(initial_a[mask_a].clone())  # row-major order, as the index
         self.lora_B_values = nn.Parameter(initial_b[mask_b].clone())
+
+    @property
+    def lora_A_mask(self) -> torch.Tensor:
+        """Boolean (r, d_in), True where an entry of A trains."""
+        return _mask(self.lora_A_index, self.lora_A_frozen.shape)
+
+    @property
+    def lora_B_mask(self) -> torch.Tensor:
+        """Boolean (d_out, r), True where an entry of B trains."""
+        return _mask(self.lora_B_index, (self.d_out, self.lora_A_frozen.shape[0]))
 
     def dense_a(self) -> torch.Tensor:
         """A (r, d_in): frozen initial values with the trainable ones scattered in (differentiable)."""
-        return self.lora_A_frozen.to(self.lora_A_values.dtype).masked_scatter(self.lora_A_mask, self.lora_A_values)
+        frozen = self.lora_A_frozen.to(self.lora_A_values.dtype)
+        return frozen.flatten().scatter(0, self.lora_A_index.long(), self.lora_A_values).view(frozen.shape)
 
     def dense_b(self) -> torch.Tensor:
         """B (d_out, r): zeros (frozen) with the trainable values scattered in (differentiable)."""
-        zeros = torch.zeros(self.lora_B_mask.shape, dtype=self.lora_B_values.dtype, device=self.lora_B_values.device)
-        return zeros.masked_scatter(self.lora_B_mask, self.lora_B_values)
+        values = self.lora_B_values
+        zeros = torch.zeros(self.d_out * self.lora_A_frozen.shape[0], dtype=values.dtype, device=values.device)
+        return zeros.scatter(0, self.lora_B_index.long(), values).view(self.d_out, -1)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(self.dropout(x), self.dense_a()), self.dense_b()) * self.scaling
@@ -143,3 +158,10 @@ class LoraSpAdapter(LoraAdapter):
         self.lora_A_frozen.copy_(a)
         self.lora_A_values.copy_(a[self.lora_A_mask])
         self.lora_B_values.copy_(b[self.lora_B_mask])
+
+
+def _mask(index: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """Boolean tensor of ``shape``, True at the row-major positions ``index`` (k,)."""
+    mask = torch.zeros(math.prod(shape), dtype=torch.bool, device=index.device)
+    mask[index.long()] = True
+    return mask.view(*shape)

@@ -13,6 +13,7 @@ The fast forms never form more than they need.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -42,6 +43,57 @@ def shard_sum(x: torch.Tensor, r: int) -> torch.Tensor:
 def bone_delta(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """Bone's ``x @ ΔWᵀ`` without ΔW: (..., d_in), m (r, d_out) → (..., d_out)."""
     return shard_sum(x, m.shape[0]) @ m
+
+
+class BoneLinear(torch.autograd.Function):
+    """``F.linear(x, W, bias) + bone_delta(x, M)`` as one function: the fast path of a Bone-adapted linear layer.
+
+    The Bone product is the output buffer that the base product accumulates into (``addmm`` with ``out=``, which
+    FlopCounterMode counts), and the backward adds Bone's input gradient, tiled over the shards, into the base's in
+    place, so neither direction makes a separate (N, d_out) sum or an (N, d_in) tiled copy. Saves the shard sums
+    s (N, r), W, M, and x only if W trains.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, m: torch.Tensor) -> Any:
+        d_in = x.shape[-1]
+        flat = x.reshape(-1, d_in)  # (..., d_in) → (N, d_in)
+        sums = shard_sum(flat, m.shape[0])  # (N, r)
+        out = sums @ m  # (N, d_out)
+        if bias is not None:
+            out += bias
+        torch.addmm(out, flat, weight.t(), out=out)  # in place: the base product accumulates into it
+        ctx.save_for_backward(sums, weight, m, flat if weight.requires_grad else None)
+        ctx.has_bias, ctx.input_shape = bias is not None, x.shape
+        return out.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor) -> Any:
+        sums, weight, m, flat = ctx.saved_tensors
+        (d_out, d_in), r = weight.shape, m.shape[0]
+        grad = grad_y.reshape(-1, d_out)  # (N, d_out)
+        grad_x = grad_w = grad_bias = grad_m = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ weight  # (N, d_in)
+            grad_sums = grad @ m.t()  # (N, r): the gradient of every shard
+            n_full, rem = divmod(d_in, r)
+            grad_x[:, : n_full * r].view(-1, n_full, r).add_(grad_sums.unsqueeze(1))
+            if rem:
+                grad_x[:, n_full * r :].add_(grad_sums[:, :rem])
+            grad_x = grad_x.view(ctx.input_shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = grad.t() @ flat
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(0)
+        if ctx.needs_input_grad[3]:
+            grad_m = sums.t() @ grad
+        return grad_x, grad_w, grad_bias, grad_m
+
+
+def bone_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, m: torch.Tensor) -> torch.Tensor:
+    """Bone-adapted linear layer ``x Wᵀ + bias + x ΔWᵀ``: (..., d_in), weight (d_out, d_in), m (r, d_out) →
+    (..., d_out); every tensor in one dtype."""
+    return BoneLinear.apply(x, weight, bias, m)
 
 
 def mini_full_block(m: torch.Tensor, d_out: int) -> torch.Tensor:
@@ -108,21 +160,33 @@ def bat_unmerged_weight(merged: torch.Tensor, b: torch.Tensor, axis: int) -> tor
 
 
 class BatColLinear(torch.autograd.Function):
-    """``F.linear(x, W + ΔW_BatCol, bias)`` that saves only x and B for backward.
+    """``F.linear(x, W + ΔW_BatCol, bias)`` that keeps no weight-sized tensor for backward.
 
-    The merged weight (d_out × d_in) is formed in the forward, used, and freed; the backward forms it again
-    (cost d_out·d_in·r flops, small next to the matmuls) instead of keeping it alive as autograd would.
+    ``weight`` is the layer's stored weight and ``densify(weight)`` gives W (d_out, d_in) in B's dtype: a cast, or
+    for a quantised layer a dequantisation. The forward forms W and the merged weight, uses and frees them; the
+    backward forms them again (cost d_out·d_in·r flops, small next to the matmuls) instead of keeping them alive
+    as autograd would. Only x, the stored weight (no copy), the bias and B are saved.
     With G = ∂L/∂W' (d_out, d_in): ∂L/∂B_i = Σ_j (W_ij + I)ᵀ G_ij, ∂L/∂W_ij = G_ij (I + B_i)ᵀ.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, b: torch.Tensor) -> Any:
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        b: torch.Tensor,
+        densify: Callable[[torch.Tensor], torch.Tensor],
+    ) -> Any:
         ctx.save_for_backward(x, weight, bias, b)
-        return F.linear(x, bat_merged_weight(weight, b, axis=0), bias)
+        ctx.densify = densify
+        return F.linear(x, bat_merged_weight(densify(weight), b, axis=0), bias)
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor) -> Any:
-        x, weight, bias, b = ctx.saved_tensors
+        x, stored, bias, b = ctx.saved_tensors
+        weight = ctx.densify(stored)  # (d_out, d_in)
+        grad_y = grad_y.to(b.dtype)  # bfloat16 when autocast ran the forward's product
         n_out, r, _ = b.shape
         d_out, d_in = weight.shape
         grad_x = grad_w = grad_bias = grad_b = None
@@ -138,12 +202,25 @@ class BatColLinear(torch.autograd.Function):
                 grad_w = torch.baddbmm(g_rows, g_rows, b.transpose(1, 2)).view(d_out, d_in)
         if bias is not None and ctx.needs_input_grad[2]:
             grad_bias = grad_y.reshape(-1, d_out).sum(0)
-        return grad_x, grad_w, grad_bias, grad_b
+        return grad_x, grad_w, grad_bias, grad_b, None
 
 
-def bat_col_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
-    """Bat-Col adapted linear layer: (..., d_in) → (..., d_out), weight (d_out, d_in), b (I, r, r)."""
-    return BatColLinear.apply(x, weight.contiguous(), bias, b)
+def bat_col_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    b: torch.Tensor,
+    densify: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Bat-Col adapted linear layer: (..., d_in) → (..., d_out), b (I, r, r).
+
+    ``weight`` is W (d_out, d_in) in any floating dtype (cast to B's dtype where used), or with ``densify`` any
+    stored form that ``densify`` turns into W (d_out, d_in) in B's dtype (a quantised weight, dequantised).
+    """
+    if densify is None:
+        dtype = b.dtype
+        return BatColLinear.apply(x, weight, bias, b, lambda w: w.to(dtype).contiguous())
+    return BatColLinear.apply(x, weight, bias, b, densify)
 
 
 def bat_row_shift(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,10 @@
 Run directly (one process) or under ``accelerate launch`` (several). The model, adapter and data come from fixed
 seeds, so every start builds the same run. ``--hang-after N`` writes ``<output-dir>/hung`` after step N (and its
 checkpoint) and then sleeps, for a test to kill it; ``--weights`` saves the final trainable parameters
-(safetensors) and ``--report`` a JSON summary, both from the main process. :func:`run_training` is the same run
+(safetensors), ``--adapter-dir`` the adapter (``save_adapter``) and ``--report`` a JSON summary, all from the main
+process. ``--adapters lora,bone,...`` (names of ``cases.CASES``) trains one run per adapter, one after the other,
+each in ``<output-dir>/<name>`` and with ``<name>`` appended to the file names; ``--base-dtype bfloat16`` casts
+the base model (the adapters stay float32). :func:`run_training` is the same run
 in the calling process; :func:`save_tiny_folder` gives the command-line tests a model folder.
 """
 
@@ -19,11 +22,12 @@ from pathlib import Path
 import safetensors.torch
 import torch
 from accelerate import PartialState
+from accelerate.state import AcceleratorState
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import slimtune as st
-from cases import tiny_llama
+from cases import CASES, tiny_llama
 from slimtune.training import TrainConfig, TrainResult, train
 
 
@@ -58,10 +62,14 @@ def run_training(
     checkpoint_every: int | None = None,
     resume: bool = False,
     on_step: Callable[[dict], None] | None = None,
+    adapter: str | None = None,
+    base_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.nn.Module, TrainResult]:
-    """The run this script makes (a LoRA-adapted tiny Llama on 24 blocks [24, 16]); returns the model and result."""
-    model = st.get_adapted_model(tiny_llama(), st.LoraConfig(r=4, alpha=8.0, dropout=dropout))
-    config = TrainConfig(
+    """The run this script makes (a tiny Llama with LoRA, or the ``adapter`` of CASES, on 24 blocks [24, 16]);
+    returns the model and result."""
+    config = st.LoraConfig(r=4, alpha=8.0, dropout=dropout) if adapter is None else CASES[adapter]
+    model = st.get_adapted_model(tiny_llama().to(base_dtype), config)
+    train_config = TrainConfig(
         steps=steps,
         batch_size=batch_size,
         grad_accum=grad_accum,
@@ -74,7 +82,7 @@ def run_training(
         resume=resume,
         progress=False,
     )
-    return model, train(model, token_blocks(24, seed=1), config, token_blocks(6, seed=2), on_step)
+    return model, train(model, token_blocks(24, seed=1), train_config, token_blocks(6, seed=2), on_step)
 
 
 def main() -> None:
@@ -88,17 +96,31 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--hang-after", type=int, default=None)
     parser.add_argument("--weights", default=None)
+    parser.add_argument("--adapter-dir", default=None)
     parser.add_argument("--report", default=None)
+    parser.add_argument("--adapters", default=None)
+    parser.add_argument("--base-dtype", default="float32")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    for adapter in args.adapters.split(",") if args.adapters else [None]:
+        run_one(args, adapter)
+
+
+def run_one(args: argparse.Namespace, adapter: str | None) -> None:
+    """One run of ``main``: the LoRA run (``adapter`` None), or that of ``adapter`` with its own folder and files."""
+
+    def named(path: str | None) -> str | None:
+        return path if path is None or adapter is None else f"{path}{adapter}"
+
+    output_dir = args.output_dir if adapter is None else str(Path(args.output_dir) / adapter)
 
     def on_step(record: dict) -> None:
         if record["step"] == args.hang_after:
-            (Path(args.output_dir) / "hung").write_text(str(record["step"]))
+            (Path(output_dir) / "hung").write_text(str(record["step"]))
             time.sleep(600)
 
     model, result = run_training(
-        args.output_dir,
+        output_dir,
         steps=args.steps,
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
@@ -106,21 +128,26 @@ def main() -> None:
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
         on_step=on_step,
+        adapter=adapter,
+        base_dtype=getattr(torch, args.base_dtype),
     )
     state = PartialState()
     if not state.is_main_process:
         return
-    if args.weights:
+    if weights := named(args.weights):
         trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        safetensors.torch.save_file(trainable, args.weights)
-    if args.report:
+        safetensors.torch.save_file(trainable, weights)
+    if adapter_dir := named(args.adapter_dir):
+        st.save_adapter(model, adapter_dir)
+    if report_path := named(args.report):
         report = {
             "num_processes": state.num_processes,
+            "distributed_type": str(AcceleratorState().distributed_type),  # FSDP, MULTI_CPU (DDP) or NO
             "start_step": result.start_step,
             "losses": result.losses,
             "eval_losses": result.eval_losses,
         }
-        Path(args.report).write_text(json.dumps(report))
+        Path(report_path).write_text(json.dumps(report))
 
 
 if __name__ == "__main__":

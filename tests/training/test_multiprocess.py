@@ -35,6 +35,13 @@ def launch_two(*command: str) -> list[str]:
     return [*cli, "--main_process_port", str(port), *command]
 
 
+def launch_fsdp(*command: str) -> list[str]:
+    """``accelerate launch`` of ``command`` on 2 CPU processes with FSDP2 (``--use_fsdp`` replaces ``--multi_gpu``)."""
+    ddp = launch_two(*command)
+    at = ddp.index("--multi_gpu")
+    return [*ddp[:at], "--use_fsdp", "--fsdp_version", "2", *ddp[at + 1 :]]
+
+
 def run_together(commands: dict[str, list[str]]) -> None:
     """Run the commands at the same time (one thread each; gloo on CPU for the launched ones); all must succeed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
@@ -81,16 +88,20 @@ def test_finetune_command_under_accelerate_launch(tmp_path):
     text.write_text("\n\n".join(f"the cat {i} sat on the mat {i + 1} and the dog ran" for i in range(30)))
     settings = ["--seq-len", "32", "--steps", "4", "--method", "lora", "--r", "4", "--lr", "1e-2", "--no-progress"]
     common = ["finetune", "--model", folder, "--data", text, *settings, "--checkpoint-every", "2"]
+    per_process = ["--batch-size", "1", "--grad-accum", "2"]
     run_together(
         {
-            "two": launch_two(
-                "-m", "slimtune", *common, "--batch-size", "1", "--grad-accum", "2", "--output", tmp_path / "two"
-            ),
+            "two": launch_two("-m", "slimtune", *common, *per_process, "--output", tmp_path / "two"),
+            "fsdp": launch_fsdp("-m", "slimtune", *common, *per_process, "--output", tmp_path / "fsdp"),
             "one": [sys.executable, "-m", "slimtune", *common, "--batch-size", "4", "--output", tmp_path / "one"],
         }
     )
-    adapters = [load_file(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in ("one", "two")]
-    assert_same_tensors(*adapters)
+    names = ("one", "two", "fsdp")
+    adapters = [load_file(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in names]
+    assert_same_tensors(adapters[0], adapters[1])
+    assert_same_tensors(adapters[0], adapters[2])
+    records = {name: json.loads((tmp_path / name / "run.json").read_text()) for name in names}
+    assert [records[name]["distributed_type"] for name in names] == ["NO", "MULTI_CPU", "FSDP"]
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "step-000004").glob("rng-rank*.json")) == [
         "rng-rank0.json",
         "rng-rank1.json",

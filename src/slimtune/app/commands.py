@@ -43,16 +43,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
       slimtune finetune --method surm --structure toeplitz --block-size 64 --lr 1e-3
       slimtune finetune --method lora_sp --freeze-fraction 0.5 --granularity rank --data my_texts.jsonl
       slimtune finetune --resume --steps 40     # extend a finished 20-step run to 40 steps
+      slimtune finetune --method lora --quantize nf4 --dtype bfloat16 --gradient-checkpointing   # QLoRA-style
       ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m slimtune finetune   # 2 CPU processes
+      ACCELERATE_USE_CPU=1 accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2 -m slimtune finetune
     """
-    from accelerate import Accelerator
-
     from slimtune.inject import get_adapted_model, parameter_counts
     from slimtune.training.config import TrainConfig
     from slimtune.training.loop import train
+    from slimtune.training.sharding import make_accelerator
 
     apply_mixed_precision(args)
-    accelerator = Accelerator()  # the process state train() will use (accelerate launch's)
+    accelerator = make_accelerator()  # the process state train() will use (accelerate launch's, FSDP2 on CPU)
     main_process = accelerator.is_main_process
     output = Path(args.output)
     config = TrainConfig(**collect(args, args.train_options), output_dir=str(output), desc=f"finetune {args.method}")
@@ -60,16 +61,23 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     run = {"method": args.method, "adapter_config": adapter.to_dict()}
     check_run_folder(output, overwrite=args.overwrite, resume=config.resume, run=run, remove=main_process)
     accelerator.wait_for_everyone()
-    launch = {"num_processes": accelerator.num_processes, "mixed_precision": str(accelerator.mixed_precision)}
+    launch = {
+        "num_processes": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type).removeprefix("DistributedType."),
+        "mixed_precision": str(accelerator.mixed_precision),
+    }
     if main_process:
         print(describe_processes(accelerator))
-    model, tokenizer = load_named_model(args.model, args.dtype)
+    model, tokenizer = load_named_model(args.model, args.dtype, args.quantize)
     data = training_data(args, tokenizer)
     torch.manual_seed(config.seed)
     model = get_adapted_model(model, adapter)
     counts = parameter_counts(model)
     if main_process:
-        print(f"{args.method} on {args.model} ({next(model.parameters()).dtype} weights): {counts}")
+        base = f"{next(model.parameters()).dtype} weights" + (
+            f", {args.quantize} linear layers" if args.quantize else ""
+        )
+        print(f"{args.method} on {args.model} ({base}): {counts}")
     result = train(model, data.train, config, data.held_out, loss_fn=data.loss_fn)
     if main_process:
         _report_finetune(args, model, adapter, config, counts, result, launch)
@@ -93,6 +101,7 @@ def _report_finetune(
         "train_config": dataclasses.asdict(config),
         **launch,
         "weights_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "base_quantization": args.quantize,
         "trainable": counts.trainable,
         "total": counts.total,
         "start_step": result.start_step,
@@ -147,7 +156,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     config = TrainConfig(**collect(args, args.train_options))
     check_run_folder(Path(args.output), overwrite=args.overwrite)
     refuse_chat_data(args.data, "compare")
-    model, tokenizer = load_named_model(args.model, args.dtype)
+    model, tokenizer = load_named_model(args.model, args.dtype, args.quantize)
     train_blocks, eval_blocks, _ = training_data(args, tokenizer)
     if eval_blocks is None:
         raise ConfigError(f"data={args.data!r} has no held-out split: pass --eval-data with a text file")
@@ -243,7 +252,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             "--linear-attention with chat data is not allowed: linear attention carries its state across the "
             "examples packed in a block (no per-example reset); evaluate it on plain text"
         )
-    model, tokenizer = load_named_model(args.model, args.dtype)
+    model, tokenizer = load_named_model(args.model, args.dtype, args.quantize)
     if args.linear_attention:
         from slimtune.linear_attention import load_linearized
 
@@ -252,7 +261,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         load_adapter(model, args.adapter)
     if args.harness:
         return _run_harness(args, model, tokenizer)
-    report: dict[str, Any] = {"task": args.task, "model": args.model, "adapter": args.adapter}
+    report: dict[str, Any] = {
+        "task": args.task,
+        "model": args.model,
+        "adapter": args.adapter,
+        "quantize": args.quantize,
+    }
     if args.task == "perplexity":
         resolve_seq_len(args, chat)
         blocks = data_blocks(args, tokenizer, args.data, args.split, args.max_blocks)
@@ -300,12 +314,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return subprocess.run([sys.executable, str(script), *args.bench_args], check=False).returncode
 
 
-def load_named_model(name: str, dtype: str = "float32") -> tuple[Any, Any]:
+def load_named_model(name: str, dtype: str = "float32", quantize: str | None = None) -> tuple[Any, Any]:
     """The causal LM and tokenizer that ``--model`` names (the bundled SmolLM2 or a local folder), its weights in
-    ``dtype`` ("float32", "bfloat16" or "float16")."""
+    ``dtype`` ("float32", "bfloat16" or "float16"), its linear layers quantised with ``quantize`` ("nf4", "fp4",
+    "int8") when given."""
     from slimtune.app.models import load_causal_lm
 
-    return load_causal_lm(name, getattr(torch, dtype))
+    return load_causal_lm(name, getattr(torch, dtype), quantize)
 
 
 def apply_mixed_precision(args: argparse.Namespace) -> None:

@@ -35,6 +35,7 @@ from torch import nn
 from slimtune.errors import ConfigError
 from slimtune.file_format import CHECKPOINT_FORMAT, check_tensors_fit, read_json, read_record, read_tensors
 from slimtune.fileio import atomic_write, atomic_write_json
+from slimtune.training.sharding import copy_full, gather, shard_optimizer_state
 
 logger = logging.getLogger("slimtune")
 
@@ -61,7 +62,8 @@ def save_checkpoint(
 ) -> Path:
     """Write the checkpoint of ``step`` under ``root`` and keep only the newest ``keep`` complete ones.
 
-    Every process must call it (each saves its own RNG state); the main process writes the rest. ``model`` is
+    Every process must call it (each saves its own RNG state, and under FSDP gathers its shards of the trainable
+    parameters and optimizer state); the main process writes the rest, full tensors as without FSDP. ``model`` is
     the unwrapped model, ``state`` extra JSON data (data position, run settings). Returns the final folder.
 
     Raises:
@@ -76,10 +78,12 @@ def save_checkpoint(
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         _write_encoded(tmp, f"rng-rank{accelerator.process_index}", rng_state())
+        trainable = gather(dict(_trainable(model)))  # on every process: FSDP's shards are gathered collectively
+        optimizer_state = gather(optimizer.state_dict())
         if accelerator.is_main_process:
-            trainable = {name: p.detach().cpu().contiguous() for name, p in _trainable(model).items()}
+            trainable = {name: tensor.contiguous() for name, tensor in trainable.items()}
             atomic_write(tmp / TRAINABLE_FILE, lambda path: safetensors.torch.save_file(trainable, path))
-            _write_encoded(tmp, "optimizer", optimizer.state_dict())
+            _write_encoded(tmp, "optimizer", optimizer_state)
             _write_encoded(tmp, "scheduler", scheduler.state_dict())
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -148,7 +152,8 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore trainable parameters, optimizer, scheduler and this process's RNG from ``folder``; returns its state.
 
-    Every file is read and checked before anything is restored.
+    Under FSDP each process keeps its shard of the saved full tensors. Every file is read and checked before
+    anything is restored.
 
     Raises:
         ConfigError: a file is missing or damaged, the checkpoint's trainable parameters differ from the model's
@@ -169,10 +174,11 @@ def load_checkpoint(
     optimizer_state, scheduler_state = _read_encoded(folder, "optimizer"), _read_encoded(folder, "scheduler")
     rng = _read_encoded(folder, rng_name)
     optimizer.load_state_dict(optimizer_state)  # first: it checks the state against the parameter groups
+    shard_optimizer_state(optimizer)
     scheduler.load_state_dict(scheduler_state)
     with torch.no_grad():
         for name, param in trainable.items():
-            param.copy_(saved[name])
+            copy_full(param, saved[name])
     set_rng_state(rng)
     return state
 

@@ -6,8 +6,9 @@ linear-attention recovery): gradient accumulation, a cosine schedule with linear
 periodic held-out evaluation, a progress bar on the main process, one JSON line of metrics per step in
 ``<output_dir>/metrics.jsonl`` (and TensorBoard scalars when ``tensorboard`` is installed), and checkpoints every N
 steps (:mod:`slimtune.training.checkpoint`). DDP, FSDP or DeepSpeed come from ``accelerate launch`` and its
-config; the loop itself has no distributed code beyond asking accelerate to reduce the loss for logging. Only
-DDP on CPU (gloo) is tested.
+config; the loop itself has no distributed code beyond asking accelerate to reduce the loss for logging. DDP and
+FSDP2 on CPU (gloo) are tested; FSDP goes through :mod:`slimtune.training.sharding`, which also turns it on for
+CPU processes, where accelerate 1.15 ignores it.
 
 Data order. Optimizer step s takes the global samples ``s·G … (s+1)·G − 1``, G = batch_size × grad_accum ×
 num_processes; micro-step m of process r takes the ``batch_size`` samples starting at ``s·G + (m·P + r)·batch_size``.
@@ -50,6 +51,7 @@ from slimtune.training.evaluate import check_blocks, evaluate_loss
 from slimtune.training.losses import LossFn, causal_lm_loss, loss_weight
 from slimtune.training.metrics import MetricsLog
 from slimtune.training.order import BlockOrder
+from slimtune.training.sharding import gather_weights, is_sharded, make_accelerator
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -124,6 +126,8 @@ def train(
             _after_step(run, record, result, eval_blocks, log, bar)
             if on_step is not None:
                 on_step(record)
+    if is_sharded(run.accelerator):
+        gather_weights(run.unwrapped)  # the caller's model holds full weights again, as without FSDP
     result.seconds = time.perf_counter() - start
     result.tokens = len(result.losses) * run.settings["global_batch"] * blocks.shape[1]
     return result
@@ -168,7 +172,7 @@ def _set_up(
         check_blocks("eval_blocks", eval_blocks, model)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     settings = {
         "global_batch": config.batch_size * config.grad_accum * accelerator.num_processes,
         "n_blocks": len(blocks),
@@ -187,7 +191,7 @@ def _set_up(
         accelerator=accelerator,
         model=prepared,
         unwrapped=accelerator.unwrap_model(prepared),
-        params=params,
+        params=[p for p in prepared.parameters() if p.requires_grad],  # FSDP replaces them with sharded ones
         optimizer=optimizer,
         scheduler=scheduler,
         order=BlockOrder(len(blocks), config.seed, config.shuffle),
@@ -357,9 +361,11 @@ def _after_step(
 
 
 def _evaluate(run: _Run, blocks: torch.Tensor) -> float:
-    """Mean held-out loss over ``blocks`` [m, seq_len], each process evaluating every P-th block; the same on all."""
+    """Mean held-out loss over ``blocks`` [m, seq_len], each process evaluating every P-th block (all of them under
+    FSDP); the same on all."""
     accelerator = run.accelerator
-    shard = blocks[accelerator.process_index :: accelerator.num_processes]
+    # under FSDP every process takes part in every forward, so each evaluates all blocks (the mean is the same)
+    shard = blocks if is_sharded(accelerator) else blocks[accelerator.process_index :: accelerator.num_processes]
     mean = evaluate_loss(run.unwrapped, shard, run.loss_fn, run.config.eval_batch_size) if len(shard) else 0.0
     weight = float(loss_weight(run.loss_fn, shard)) if len(shard) else 0.0
     counts = torch.tensor([mean * weight, weight], dtype=torch.float64, device=accelerator.device)

@@ -1,17 +1,24 @@
 """bfloat16 stability: every adapter trains SmolLM2-135M in bfloat16 for N AdamW steps and stays finite.
 
-Each configuration starts from the same bfloat16 weights (base and adapter in bfloat16, no float32 master copy)
-and sees the same BBC News blocks in the same order. After every step the loss, the largest |gradient| entry and
-the finiteness of loss, gradients and trainable weights are recorded.
+Each configuration starts from the same weights and sees the same BBC News blocks in the same order. After every
+step the loss, the largest |gradient| entry and the finiteness of loss, gradients and trainable weights are
+recorded. ``--precisions`` chooses how (each a row per method, so their step times compare in one process):
 
-Run: ``.venv/bin/python benchmarks/bf16_stability.py`` (``--steps``, ``--seq-len``, ``--methods``).
-Writes ``benchmarks/results/bf16-stability-<time>.json`` and prints a table: method, first loss, last loss,
-max abs grad, finite steps, all finite.
+- ``bf16``: base and adapter in bfloat16, no float32 master copy (the default: the hardest case);
+- ``bf16-base``: bfloat16 base, float32 adapters (slimtune's default for ``--dtype bfloat16``);
+- ``autocast``: float32 weights under ``torch.autocast("cpu", torch.bfloat16)``, what ``--mixed-precision bf16``
+  turns on through accelerate;
+- ``float32``: everything float32, the reference for the speed ratios.
+
+Run: ``.venv/bin/python benchmarks/bf16_stability.py`` (``--steps``, ``--seq-len``, ``--methods``,
+``--precisions``). Writes ``benchmarks/results/bf16-stability-<time>.json`` and prints a table: precision, method,
+first loss, last loss, max abs grad, finite steps, all finite, s/step and its ratio to float32 (when run).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import time
@@ -43,8 +50,12 @@ def configs() -> dict[str, tuple[st.AdapterConfig, float]]:
     }
 
 
-def run(model: torch.nn.Module, blocks: torch.Tensor, lr: float, steps: int) -> dict:
-    """``steps`` AdamW steps of batch 1 over ``blocks`` [n, T] in order; the per-step losses and gradient maxima."""
+PRECISIONS = ("bf16", "bf16-base", "autocast", "float32")
+
+
+def run(model: torch.nn.Module, blocks: torch.Tensor, lr: float, steps: int, autocast: bool = False) -> dict:
+    """``steps`` AdamW steps of batch 1 over ``blocks`` [n, T] in order (the forward under bfloat16 autocast when
+    ``autocast``); the per-step losses and gradient maxima."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
     model.train()
@@ -52,7 +63,9 @@ def run(model: torch.nn.Module, blocks: torch.Tensor, lr: float, steps: int) -> 
     start = time.perf_counter()
     for step in range(steps):
         batch = blocks[step % len(blocks)].unsqueeze(0)  # [1, T]
-        loss = model(input_ids=batch, labels=batch).loss
+        cast = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with cast:
+            loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         largest = max(p.grad.detach().abs().max().item() for p in params)
         optimizer.step()
@@ -70,37 +83,52 @@ def run(model: torch.nn.Module, blocks: torch.Tensor, lr: float, steps: int) -> 
     }
 
 
+def adapted(base: torch.nn.Module, config: st.AdapterConfig, precision: str) -> torch.nn.Module:
+    """A copy of the float32 ``base`` with ``config``'s adapter, in the dtypes of ``precision``."""
+    torch.manual_seed(0)
+    if precision == "bf16-base":
+        return st.get_adapted_model(copy.deepcopy(base).to(torch.bfloat16), config)  # float32 adapters
+    model = st.get_adapted_model(copy.deepcopy(base), config)
+    return model.to(torch.bfloat16) if precision == "bf16" else model  # bf16: the adapters too
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--methods", nargs="*", default=None, help="subset of the method names (default: all)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=["bf16"], help="default: bf16")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     chosen = {k: v for k, v in configs().items() if args.methods is None or k in args.methods}
-    base, tokenizer = load_smollm2(dtype=torch.bfloat16)
+    base, tokenizer = load_smollm2(dtype=torch.float32)
     blocks = lm_blocks(tokenizer, "train", seq_len=args.seq_len, max_blocks=args.steps)
     rows, results = [], {}
-    for name, (config, lr) in chosen.items():
-        torch.manual_seed(0)
-        model = st.get_adapted_model(copy.deepcopy(base), config).to(torch.bfloat16)  # adapters too (fp32 default)
-        result = run(model, blocks, lr, args.steps)
-        results[name] = {"config": config.to_dict(), "lr": lr, **result}
-        rows.append(
-            {
-                "method": name,
-                "first loss": result["losses"][0],
-                "last loss": result["losses"][-1],
-                "max abs grad": max(result["grad_max"]),
-                "finite steps": f"{result['finite_steps']}/{args.steps}",
-                "all finite": "yes" if result["finite_steps"] == args.steps else "NO",
-                "s/step": result["seconds"] / args.steps,
-            }
-        )
-        print(format_table(rows[-1:], list(rows[-1])).splitlines()[-1], flush=True)
-    settings = {"steps": args.steps, "batch": 1, "seq_len": args.seq_len, "dtype": "bfloat16", "model": "SmolLM2-135M"}
+    for precision in args.precisions:
+        for name, (config, lr) in chosen.items():
+            model = adapted(base, config, precision)
+            result = run(model, blocks, lr, args.steps, autocast=precision == "autocast")
+            results[f"{precision} {name}"] = {"config": config.to_dict(), "lr": lr, **result}
+            rows.append(
+                {
+                    "precision": precision,
+                    "method": name,
+                    "first loss": result["losses"][0],
+                    "last loss": result["losses"][-1],
+                    "max abs grad": max(result["grad_max"]),
+                    "finite steps": f"{result['finite_steps']}/{args.steps}",
+                    "all finite": "yes" if result["finite_steps"] == args.steps else "NO",
+                    "s/step": result["seconds"] / args.steps,
+                }
+            )
+            print(format_table(rows[-1:], list(rows[-1])).splitlines()[-1], flush=True)
+    reference = {row["method"]: row["s/step"] for row in rows if row["precision"] == "float32"}
+    for row in rows:
+        row["time vs float32"] = row["s/step"] / reference[row["method"]] if row["method"] in reference else None
+    settings = {"steps": args.steps, "batch": 1, "seq_len": args.seq_len, "precisions": args.precisions}
+    settings["model"] = "SmolLM2-135M"
     path = write_record("bf16-stability", {"settings": settings, "results": results})
     print(format_table(rows, list(rows[0])))
     print(f"record: {path}")

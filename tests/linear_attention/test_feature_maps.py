@@ -3,6 +3,8 @@ dtypes, large inputs, parameters and buffers, the registry and its errors."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import scipy.fft
@@ -14,6 +16,7 @@ from slimtune.linear_attention.feature_maps import (
     FEATURE_MAPS,
     DiJiangFeatureMap,
     DiJiangOfficialFeatureMap,
+    DiJiangQmcFeatureMap,
     HedgehogFeatureMap,
     PerformerFeatureMap,
     build_feature_map,
@@ -161,7 +164,7 @@ def test_large_inputs_stay_finite_and_keep_dtype(name, dtype):
 
 
 def test_registry_and_errors_name_the_field():
-    assert set(FEATURE_MAPS) == {"dijiang", "dijiang_official", "performer", "hedgehog"}
+    assert set(FEATURE_MAPS) == {"dijiang", "dijiang_official", "dijiang_qmc", "performer", "hedgehog"}
     assert isinstance(build_feature_map("dijiang", D, H, qmc="halton", seed=3), DiJiangFeatureMap)
     with pytest.raises(ConfigError, match=r"unknown feature map 'cosformer'; allowed: \['dijiang', 'dijiang_offic"):
         build_feature_map("cosformer", D, H)
@@ -196,3 +199,68 @@ def test_stabiliser_is_a_constant_for_autograd(name):
         expected = (y - y.amax(-1, keepdim=True).detach()).exp() / 8**0.5
     (expected * r).sum().backward()
     torch.testing.assert_close(grad, x.grad, rtol=1e-12, atol=1e-14)
+
+
+def kernel_error(fmap: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, phi) -> float:
+    """Mean relative error of Σ_i φ_i(q) φ_i(k) against exp(q·k) over all (q, k) pairs of one head."""
+    exact = torch.exp(q[0, 0] @ k[0, 0].T)  # [T, T]
+    estimate = phi(q)[0, 0] @ phi(k)[0, 0].T
+    return float(((estimate - exact).abs() / exact).mean())
+
+
+def random_features(fmap: DiJiangQmcFeatureMap, directions: torch.Tensor):
+    """φ(x) = weight ⊙ exp(W C x − |x|²/2) with the map's DCT but the given directions W [m, d] (no stabiliser)."""
+    proj = directions @ dct_matrix(fmap.head_dim)
+
+    def phi(x: torch.Tensor) -> torch.Tensor:
+        return fmap.weight.detach()[0] * torch.exp(x @ proj.T - 0.5 * x.square().sum(-1, keepdim=True))
+
+    return phi
+
+
+def unstabilised(fmap: torch.nn.Module):
+    """φ without the per-token shift: the qmc map's exp(exponent), or the paper map's exp(diag(t) C_m x), weighted."""
+
+    def phi(x: torch.Tensor) -> torch.Tensor:
+        if isinstance(fmap, DiJiangQmcFeatureMap):
+            return fmap.weight.detach()[0] * torch.exp(fmap.exponent(x))
+        proj = fmap.freqs[:, :, None] * fmap.dct_rows  # [H, m, d]
+        return fmap.weight.detach()[0] * torch.exp(torch.einsum("bhtd,hmd->bhtm", x, proj))
+
+    return phi
+
+
+def test_dijiang_qmc_is_a_consistent_estimator_of_the_exp_kernel_and_qmc_beats_iid():
+    """exp(q·k) from the definition against the map's estimate (without its stabiliser), mean over 4 seeds: the
+    error falls as m grows (measured 0.36, 0.17, 0.080, 0.042 at m = 16, 64, 256, 1024), while the paper's map stays
+    near 0.48; at equal m, QMC directions beat i.i.d. Gaussian ones (0.49, 0.28, 0.16, 0.077)."""
+    d = 8
+    generator = torch.Generator().manual_seed(0)
+    q, k = (0.4 * torch.randn(1, 1, 24, d, generator=generator, dtype=torch.float64) for _ in range(2))
+    errors, iid_errors, paper_errors = [], [], []
+    for m in (16, 64, 256, 1024):
+        qmc_runs, iid_runs, paper_runs = [], [], []
+        for seed in range(4):
+            fmap = DiJiangQmcFeatureMap(d, 1, m, seed=seed).double()
+            qmc_runs.append(kernel_error(fmap, q, k, unstabilised(fmap)))
+            iid = torch.randn(m, d, generator=torch.Generator().manual_seed(100 + seed), dtype=torch.float64)
+            iid_runs.append(kernel_error(fmap, q, k, random_features(fmap, iid)))
+            paper = DiJiangFeatureMap(d, 1, m, seed=seed).double()
+            paper_runs.append(kernel_error(paper, q, k, unstabilised(paper)))
+        errors.append(np.mean(qmc_runs))
+        iid_errors.append(np.mean(iid_runs))
+        paper_errors.append(np.mean(paper_runs))
+    assert all(later < earlier for earlier, later in itertools.pairwise(errors)), errors
+    assert errors[-1] < 0.2 * errors[0] and errors[-1] < 0.06, errors
+    assert all(e < i for e, i in zip(errors, iid_errors)), (errors, iid_errors)
+    assert paper_errors[-1] > 5 * errors[-1], (paper_errors, errors)
+
+
+def test_dijiang_qmc_forward_is_the_estimate_times_a_per_token_factor():
+    fmap = DiJiangQmcFeatureMap(D, H, 20, qmc="halton", seed=3).double()
+    x = inputs()
+    out = fmap(x)
+    exact = fmap.weight.detach()[:, None, :] * torch.exp(fmap.exponent(x))
+    ratio = out / exact  # c(x) = exp(−max_j y_j(x)): one factor per token
+    torch.testing.assert_close(ratio, ratio[..., :1].expand_as(ratio), rtol=1e-10, atol=0)
+    assert fmap.proj.shape == (H, 20, D) and not torch.equal(fmap.proj[0], fmap.proj[1])  # one seed per head

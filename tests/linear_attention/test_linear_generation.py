@@ -25,6 +25,7 @@ CONFIGS = {
     "hedgehog_unshared_gate": LinearizeConfig(feature_map="hedgehog", share_feature_map=False, output_gate=True),
     "official_unnormalised": LinearizeConfig(feature_map="dijiang_official", normalize=False, m=10),
     "performer_no_decay": LinearizeConfig(feature_map="performer", decay=False, m=20, chunk_size=4),
+    "dijiang_qmc_window": LinearizeConfig(feature_map="dijiang_qmc", m=24, window=4, sink_tokens=1, chunk_size=5),
     "window_sinks": LinearizeConfig(window=4, sink_tokens=2, window_mix=0.7, chunk_size=3),
     "window_hedgehog_no_decay": LinearizeConfig(feature_map="hedgehog", window=5, decay=False),
 }

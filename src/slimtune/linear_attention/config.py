@@ -3,7 +3,8 @@
 Fields (validated in ``__post_init__``; a bad value raises ConfigError naming the field, the value and what is
 allowed):
 
-- ``feature_map``: a name in ``FEATURE_MAPS`` ("dijiang", "dijiang_official", "performer", "hedgehog").
+- ``feature_map``: a name in ``FEATURE_MAPS`` ("dijiang", "dijiang_official", "dijiang_qmc", "performer",
+  "hedgehog").
 - ``m``: feature size per head; None means head_dim.
 - ``op``: the prefill/training op, a name in ``LINEAR_ATTENTION_OPS`` ("chunked", "reference", "recurrent",
   "fla"); cached decoding of one token always uses "recurrent".

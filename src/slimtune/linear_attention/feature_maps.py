@@ -114,6 +114,44 @@ class DiJiangFeatureMap(FeatureMap):
         return (self.weight.to(xf.dtype)[:, None, :] * y.exp()).to(x.dtype)
 
 
+class DiJiangQmcFeatureMap(FeatureMap):
+    """A consistent DiJiang estimator: φ(x) = D_h ⊙ exp(W_h C x − |x|²/2 − c), so that φ(q)·φ(k) → exp(q·k).
+
+    The paper's map (``dijiang``) scales one fixed DCT row per feature by a scalar frequency, which does not
+    estimate exp(q·k) however many features it has. Here each feature has a whole d-dimensional Gaussian direction
+    in the frequency domain:
+    - C [d, d]: the orthonormal DCT-II matrix; W_h [m, d] per head, row i = Φ⁻¹(u_i) with u_i the i-th point of a
+      scrambled Sobol (default) or Halton sequence in d dimensions, seeded ``seed + h``: quasi-Monte-Carlo samples
+      of N(0, I_d). As C is orthogonal, (Cq)·(Ck) = q·k and |Cx| = |x|, so the positive random-feature identity
+      E_w[exp(w·Cq − |q|²/2) exp(w·Ck − |k|²/2)] = exp(q·k) holds, and the average over the m points converges
+      to it (faster than over i.i.d. points). Buffer ``proj`` [H, m, d] = W_h C.
+    - D_h [m] per head: learnable ``weight`` [H, m], initialised to √(1/m) (the equal QMC weights 1/m).
+    - c: the per-token maximum of the exponent, detached (the module docstring says what it does).
+    x [B, H, T, d] → [B, H, T, m]. To approximate softmax(q·k/√d), scale q and k by d^(−1/4) first.
+    """
+
+    proj: torch.Tensor
+
+    def __init__(
+        self, head_dim: int, num_heads: int, m: int | None = None, *, qmc: str = "sobol", seed: int = 0
+    ) -> None:
+        super().__init__(head_dim, num_heads, m)
+        dct = dct_matrix(head_dim)
+        directions = [qmc_normal(self.m, head_dim, qmc, seed + h).T for h in range(num_heads)]  # H × [m, d]
+        self.register_buffer("proj", torch.stack([w @ dct for w in directions]).to(torch.get_default_dtype()))
+        self.weight = nn.Parameter(torch.full((num_heads, self.m), 1.0 / math.sqrt(self.m)))
+
+    def exponent(self, x: torch.Tensor) -> torch.Tensor:
+        """The exponent before the stabiliser, W_h C x − |x|²/2: x [B, H, T, d] → [B, H, T, m], float32 at least."""
+        xf = self._input(x)
+        return torch.einsum("bhtd,hmd->bhtm", xf, self.proj.to(xf.dtype)) - 0.5 * xf.square().sum(-1, keepdim=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.exponent(x)
+        y = y - y.amax(dim=-1, keepdim=True).detach()  # [B, H, T, m]
+        return (self.weight.to(y.dtype)[:, None, :] * y.exp()).to(x.dtype)
+
+
 class DiJiangOfficialFeatureMap(FeatureMap):
     """The official DiJiang code's map: φ(x) = softmax over features of x C_m diag(t), one map for all heads.
 
@@ -199,6 +237,7 @@ class HedgehogFeatureMap(FeatureMap):
 FEATURE_MAPS: dict[str, type[FeatureMap]] = {
     "dijiang": DiJiangFeatureMap,
     "dijiang_official": DiJiangOfficialFeatureMap,
+    "dijiang_qmc": DiJiangQmcFeatureMap,
     "performer": PerformerFeatureMap,
     "hedgehog": HedgehogFeatureMap,
 }

@@ -13,8 +13,8 @@ Per token, for query head h (GQA: key/value heads are repeated to the H query he
     out = o_proj(o)  or  o_proj(swish(x W_G) ⊙ GroupNorm(o))                     (output_gate)
 
 - s = d^(−1/4) on both q and k makes φ(q)·φ(k) estimate exp(q·k/√d), the softmax kernel, for the exp-kernel
-  maps ("dijiang", "performer"). The softmax-over-features maps ("dijiang_official", "hedgehog") get the raw
-  q, k, as in their reference code.
+  maps ("dijiang", "dijiang_qmc", "performer"). The softmax-over-features maps ("dijiang_official", "hedgehog")
+  get the raw q, k, as in their reference code.
 - Stabiliser of the exp maps: each token's features are divided by exp(max_j y_j), detached (``feature_maps``).
   For queries this cancels in the normaliser (``normalize=True``, the default). For keys it reweights key s by
   c(k_s) = exp(−max_j y_j(k_s)). We keep that reweighting rather than undo it: undoing needs a shift that is one
@@ -56,7 +56,7 @@ from slimtune.linear_attention.feature_maps import FEATURE_MAPS, FeatureMap, bui
 from slimtune.linear_attention.ops import get_linear_attention_op, linear_attention_recurrent
 from slimtune.linear_attention.window import sliding_window_linear_attention
 
-KERNEL_MAPS = ("dijiang", "performer")
+KERNEL_MAPS = ("dijiang", "dijiang_qmc", "performer")
 DECAY_RANGE = (1 / 32, 1 / 512)
 
 

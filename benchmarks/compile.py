@@ -36,6 +36,7 @@ from torch._dynamo.utils import counters
 from torch.profiler import record_function
 
 import slimtune as st
+from adapters import give_adapters_values
 from common import format_table, time_call, write_record
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -78,14 +79,9 @@ def load_base(quick: bool, batch: int, seq_len: int) -> tuple[nn.Module, torch.T
 
 
 def adapted(base: nn.Module, config: st.AdapterConfig) -> nn.Module:
-    """A train-mode copy of ``base`` with ``config``'s adapters, every trainable tensor at small seeded values (as
-    after some training: no update is an exact zero)."""
+    """A train-mode copy of ``base`` with ``config``'s adapters at small seeded values (``give_adapters_values``)."""
     model = st.get_adapted_model(copy.deepcopy(base), config).train()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.copy_(torch.randn(param.shape, generator=generator) * 1e-3)
+    give_adapters_values(model)
     return model
 
 

@@ -48,6 +48,10 @@ CASES: dict[str, st.AdapterConfig] = {
     "surm_adapter_gelu": st.SurmAdapterConfig(
         structure="ldr", block_size=3, activation="gelu", target_modules=OUTPUT_LAYERS
     ),
+    "bottleneck": st.BottleneckConfig(r=5, activation="gelu", target_modules=OUTPUT_LAYERS),
+    "bottleneck_silu_no_bias": st.BottleneckConfig(
+        r=3, activation="silu", bias=False, scaling=0.5, target_modules=OUTPUT_LAYERS
+    ),
 }
 
 
@@ -96,6 +100,25 @@ def tiny_gpt2(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=101, n_positions=64, n_embd=36, n_layer=2, n_head=3)
     return GPT2LMHeadModel(config).eval()
+
+
+def tiny_bert_classifier(num_labels: int = 3, seed: int = 0, init_std: float = 0.02) -> nn.Module:
+    """A 2-layer BertForSequenceClassification from a config: hidden 24, 2 heads, MLP 36, vocab 101, head
+    ``classifier`` (24 → ``num_labels``); ``init_std`` is the weights' initializer range."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=101,
+        hidden_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=36,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        initializer_range=init_std,
+    )
+    return BertForSequenceClassification(config).eval()
 
 
 def model_input(model: nn.Module, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -198,12 +221,27 @@ def reference_output(
     config: st.AdapterConfig, adapter: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """The adapted layer's output from the references: (..., d_in) → (..., d_out)."""
+    if isinstance(config, st.BottleneckConfig):
+        return bottleneck_reference(config, adapter, F.linear(x, weight, bias))
     if isinstance(config, st.SurmAdapterConfig):  # out = h + act(α·M h) + bias
         h = F.linear(x, weight, bias)
         m = structured_reference(config, adapter, x.dtype)
         out = h + REFERENCE_ACTIVATIONS[config.activation](torch.einsum("rs,...s->...r", m, h))
         return out + tensor(adapter, "bias").to(x.dtype) if config.bias else out
     return F.linear(x, *reference_merged(config, adapter, weight, bias))
+
+
+def bottleneck_reference(config: st.BottleneckConfig, adapter: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """Houlsby's adapter on h (..., d_out): h + s·(W_up·act(W_down·h + b_down) + b_up), einsum on saved names."""
+
+    def param(name: str) -> torch.Tensor:
+        return tensor(adapter, name).to(h.dtype)
+
+    z = torch.einsum("kd,...d->...k", param("down.weight"), h)  # Σ_d W_down[k, d]·h[d]
+    z = z + param("down.bias") if config.bias else z
+    up = torch.einsum("dk,...k->...d", param("up.weight"), REFERENCE_ACTIVATIONS[config.activation](z))
+    up = up + param("up.bias") if config.bias else up
+    return h + config.scaling * up
 
 
 def lora_factors(config: st.LoraConfig, adapter: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from slimtune.adapters.base import AdaptedLayer, Adapter, AdditiveAdapter
+from slimtune.adapters.bottleneck import BottleneckConfig
 from slimtune.adapters.disha import DishaConfig
 from slimtune.adapters.lora import LoraConfig
 from slimtune.adapters.lora_sp import LoraSpConfig
@@ -47,6 +48,7 @@ __all__ = [
     "AdapterFileError",
     "AdapterNameError",
     "AdditiveAdapter",
+    "BottleneckConfig",
     "ConfigError",
     "DeviceError",
     "DishaConfig",

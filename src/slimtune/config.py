@@ -118,6 +118,9 @@ class AdapterConfig(DictConfig, abc.ABC):
             GPT-2 ``Conv1D`` except the model's output head. A list of names matches a module whose full name
             equals an entry or ends with ``"." + entry`` (e.g. ``["q_proj", "v_proj"]``). Any other string is a
             regular expression that must match the whole module name.
+        modules_to_save: modules trained whole, as copies beside the adapter, and saved with it (PEFT's
+            ``modules_to_save``): names matched as a list of ``target_modules`` is, e.g. ``["classifier"]`` (BERT) or
+            ``["score"]`` (Llama) for a sequence classifier's new head. None (default): no module.
     """
 
     method: ClassVar[str] = ""
@@ -125,11 +128,13 @@ class AdapterConfig(DictConfig, abc.ABC):
     r: int = 8
     dropout: float = 0.0
     target_modules: list[str] | str = ALL_LINEAR
+    modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
         check_int("r", self.r)
         check_number("dropout", self.dropout, at_least=0.0, below=1.0)
         self._check_target_modules()
+        self._check_modules_to_save()
 
     @property
     @abc.abstractmethod
@@ -162,6 +167,18 @@ class AdapterConfig(DictConfig, abc.ABC):
             raise ConfigError(
                 f"target_modules={targets!r} is not allowed: expected '{ALL_LINEAR}', a non-empty list of "
                 "module-name suffixes, or a regular expression string"
+            )
+
+    def _check_modules_to_save(self) -> None:
+        names = self.modules_to_save
+        if isinstance(names, tuple):
+            self.modules_to_save = names = list(names)
+        if names is not None and (
+            not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names)
+        ):
+            raise ConfigError(
+                f"modules_to_save={names!r} is not allowed: expected None or a non-empty list of module names "
+                "(or name endings), e.g. ['classifier']"
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -15,6 +15,14 @@ from collections.abc import Callable, Iterator
 from torch import nn
 
 from slimtune.adapters.base import AdaptedLayer, Adapter, is_supported_base
+from slimtune.adapters.saved_modules import (
+    attach_copies,
+    build_copies,
+    find_saved_modules,
+    remove_copies,
+    saved_modules,
+    unwrap_saved,
+)
 from slimtune.config import ALL_LINEAR, AdapterConfig
 from slimtune.errors import AdapterNameError, ConfigError, TargetModulesError
 
@@ -40,18 +48,25 @@ class ParameterCounts:
 def get_adapted_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> nn.Module:
     """Inject an adapter named ``adapter_name`` into every module of ``model`` matched by ``config.target_modules``.
 
-    The base model is frozen; the new adapter becomes the active one and is the only trainable part. Every
-    adapter is built before any module is replaced, so a failure (a shape that does not fit, say) leaves the
-    model unchanged. Returns ``model`` itself.
+    The base model is frozen; the new adapter becomes the active one and is the only trainable part, with the
+    copies of ``config.modules_to_save`` (:mod:`slimtune.adapters.saved_modules`), which ``target_modules`` never
+    reaches into. Every adapter and copy is built before any module is replaced, so a failure (a shape that does
+    not fit, say) leaves the model unchanged. Returns ``model`` itself.
 
     Raises:
-        TargetModulesError: nothing matched, or a matched module is not ``nn.Linear``/``Conv1D``.
+        TargetModulesError: nothing matched, a matched module is not ``nn.Linear``/``Conv1D``, or a name of
+            ``modules_to_save`` matches no module.
         ShapeError: the method cannot work with a matched layer's shape (e.g. ``r`` does not divide it).
         AdapterNameError: ``adapter_name`` already exists on the model.
     """
     if not isinstance(config, AdapterConfig):
         raise ConfigError(f"config={config!r} is not allowed: expected an AdapterConfig such as LoraConfig")
-    return inject_adapter(model, config, adapter_name, find_target_modules(model, config.target_modules))
+    saved = find_saved_modules(model, config.modules_to_save) if config.modules_to_save else []
+    targets = find_target_modules(model, config.target_modules, exclude=saved)
+    return inject_adapter(model, config, adapter_name, targets, saved)
+
+
+Prepare = Callable[[dict[str, Adapter], dict[str, nn.Module]], None]
 
 
 def inject_adapter(
@@ -59,12 +74,15 @@ def inject_adapter(
     config: AdapterConfig,
     adapter_name: str,
     module_names: list[str],
-    prepare: Callable[[dict[str, Adapter]], None] | None = None,
+    saved_names: list[str] | None = None,
+    prepare: Prepare | None = None,
 ) -> nn.Module:
-    """Inject into exactly ``module_names`` (each ``nn.Linear``/``Conv1D`` or an already adapted layer).
+    """Inject into exactly ``module_names`` (each ``nn.Linear``/``Conv1D`` or an already adapted layer), with
+    trainable copies of the modules ``saved_names`` (full names) and of the modules tied to them.
 
-    ``prepare(built)`` (module name → new adapter) runs after every adapter is built and before any module is
-    replaced, so an error it raises (a saved tensor that does not fit, say) also leaves the model unchanged.
+    ``prepare(built, copies)`` (module name → new adapter, module name → new copy) runs after everything is built
+    and before any module is replaced, so an error it raises (a saved tensor that does not fit, say) also leaves
+    the model unchanged.
     """
     check_adapter_name(adapter_name)
     configs = adapter_configs(model)
@@ -77,14 +95,17 @@ def inject_adapter(
         base = module.base_layer if isinstance(module, AdaptedLayer) else module
         built[name] = config.build_adapter(base, name)
     config.check_adapters(built)
+    copies = build_copies(model, saved_names) if saved_names else {}
+    _check_disjoint(module_names, list(copies))
     if prepare is not None:
-        prepare(built)
+        prepare(built, copies)
     for name, adapter in built.items():
         layer = modules[name]
         if not isinstance(layer, AdaptedLayer):
             layer = AdaptedLayer(layer)
             replace_module(model, name, layer)
         layer.add_adapter(adapter_name, adapter)
+    attach_copies(model, adapter_name, copies)
     configs[adapter_name] = config
     setattr(model, CONFIGS_ATTRIBUTE, configs)
     for param in model.parameters():
@@ -92,6 +113,17 @@ def inject_adapter(
     set_adapter(model, adapter_name)
     logger.info("adapter %r (%s) in %d modules; %s", adapter_name, config.method, len(built), parameter_counts(model))
     return model
+
+
+def _check_disjoint(module_names: list[str], copied: list[str]) -> None:
+    """TargetModulesError when a module is both adapted and copied whole (or one lies inside the other)."""
+    for name in module_names:
+        clash = next((c for c in copied if name == c or name.startswith(f"{c}.") or c.startswith(f"{name}.")), None)
+        if clash is not None:
+            raise TargetModulesError(
+                f"module {name!r} is adapted (target_modules) and module {clash!r} is copied whole (modules_to_save "
+                "or tied to one): a module is either adapted or copied, not both; leave it out of one of them"
+            )
 
 
 def check_adapter_name(name: object) -> None:
@@ -111,16 +143,19 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
             yield name, module
 
 
-def find_target_modules(model: nn.Module, targets: list[str] | str) -> list[str]:
-    """Names of the modules that ``targets`` selects (see :class:`~slimtune.config.AdapterConfig`)."""
+def find_target_modules(model: nn.Module, targets: list[str] | str, exclude: list[str] | None = None) -> list[str]:
+    """Names of the modules that ``targets`` selects (see :class:`~slimtune.config.AdapterConfig`), never inside
+    a module of ``exclude`` (full names: the modules to save whole) or a :class:`SavedModule`."""
     output_embeddings = getattr(model, "get_output_embeddings", None)
     head = output_embeddings() if callable(output_embeddings) else None
-    adapted_prefixes = tuple(f"{name}." for name, _ in adapted_layers(model))
+    excluded = [*(exclude or []), *(name for name, _ in saved_modules(model))]
+    adapted_prefixes = tuple(f"{name}." for name, _ in adapted_layers(model)) + tuple(f"{n}." for n in excluded)
     candidates = [
         (name, module)
         for name, module in model.named_modules()
-        if name and not (adapted_prefixes and name.startswith(adapted_prefixes))
+        if name and name not in excluded and not (adapted_prefixes and name.startswith(adapted_prefixes))
     ]
+    _refuse_copied_targets(targets, exclude or [])
     matched = []
     for name, module in candidates:
         adaptable = isinstance(module, AdaptedLayer) or is_supported_base(module)
@@ -152,6 +187,23 @@ def find_target_modules(model: nn.Module, targets: list[str] | str) -> list[str]
     return matched
 
 
+def _refuse_copied_targets(targets: list[str] | str, copied: list[str]) -> None:
+    """TargetModulesError when ``targets`` names a module of ``copied`` (modules_to_save) itself."""
+    if targets == ALL_LINEAR:
+        return
+    for name in copied:
+        hit = (
+            re.fullmatch(targets, name)
+            if isinstance(targets, str)
+            else any(name == t or name.endswith("." + t) for t in targets)
+        )
+        if hit:
+            raise TargetModulesError(
+                f"target_modules={targets!r} names module {name!r}, which modules_to_save copies whole: a module is "
+                "either adapted or copied whole, not both; leave it out of one of them"
+            )
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -173,6 +225,8 @@ def set_adapter(model: nn.Module, adapter_names: str | list[str]) -> None:
         layer.set_active(names)
         for name, adapter in layer.adapters.items():
             adapter.requires_grad_(name in names)
+    for _, saved in saved_modules(model):
+        saved.set_active(names)
 
 
 def active_adapters(model: nn.Module) -> list[str]:
@@ -181,15 +235,21 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block the model computes as its base model; merged adapters are unmerged and merged back."""
+    """Within the block the model computes as its base model (modules to save run their originals); merged adapters
+    are unmerged and merged back."""
     layers = [layer for _, layer in adapted_layers(model)]
+    wrappers = [saved for _, saved in saved_modules(model)]
     merged = [list(layer.merged_adapters) for layer in layers]
     for layer in layers:
         layer.unmerge()
         layer.adapters_disabled = True
+    for saved in wrappers:
+        saved.disabled = True
     try:
         yield model
     finally:
+        for saved in wrappers:
+            saved.disabled = False
         for layer, names in zip(layers, merged):
             layer.adapters_disabled = False
             layer.merge(names)
@@ -205,6 +265,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
             layer.remove_adapter(adapter_name)
         if not layer.adapters:
             replace_module(model, name, layer.base_layer)
+    remove_copies(model, adapter_name)
     del configs[adapter_name]
     setattr(model, CONFIGS_ATTRIBUTE, configs)
     setattr(model, ACTIVE_ATTRIBUTE, [n for n in active_adapters(model) if n != adapter_name])
@@ -228,18 +289,20 @@ def unmerge_adapters(model: nn.Module) -> None:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge the active adapters and put plain base layers back: a model without slimtune inside."""
+    """Merge the active adapters and put plain base layers back: a model without slimtune inside. A module to save
+    becomes the active adapter's trained copy (ties kept)."""
     merge_adapters(model)
-    return _unwrap(model)
+    return _unwrap(model, keep_copies=True)
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Unmerge everything and put the original base layers back, dropping every adapter."""
+    """Unmerge everything and put the original base layers (and modules to save) back, dropping every adapter."""
     unmerge_adapters(model)
-    return _unwrap(model)
+    return _unwrap(model, keep_copies=False)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def _unwrap(model: nn.Module, keep_copies: bool) -> nn.Module:
+    unwrap_saved(model, keep_copies)
     for name, layer in list(adapted_layers(model)):
         replace_module(model, name, layer.base_layer)
     for attr in (CONFIGS_ATTRIBUTE, ACTIVE_ATTRIBUTE):

@@ -112,14 +112,15 @@ def convert_to_lora(model: nn.Module, adapter_name: str = "default", rank: int |
 
     ``rank`` None takes the largest numerical rank of the layers' ΔW (at least 1), so the conversion is exact;
     for Bat and the SURM structures that is usually min(d_in, d_out): pass a smaller rank to truncate. The new
-    adapter keeps the name, activity and trainability of the old one, its dtype and device, and its input dropout.
+    adapter keeps the name, activity and trainability of the old one, its dtype and device, its input dropout and
+    its ``modules_to_save`` copies.
     Every layer is factored before any is replaced, so an error leaves the model unchanged. The SVDs run in
     float64 on the weights' device, one layer at a time.
 
     Raises:
         AdapterNameError: the model has no adapter ``adapter_name``.
-        ConfigError: ``rank`` is not a positive integer, or the adapter is a SURM output adapter (its merge changes
-            the bias, which a LoRA cannot).
+        ConfigError: ``rank`` is not a positive integer, or the adapter is an output adapter: SURM's (its merge
+            changes the bias, which a LoRA cannot) or the bottleneck adapter (non-linear, no weight update at all).
         MergeError: the adapter is merged into the base weight on some layer (unmerge first).
     """
     check_int("rank", rank, optional=True)
@@ -131,7 +132,14 @@ def convert_to_lora(model: nn.Module, adapter_name: str = "default", rank: int |
     _check_convertible(layers, adapter_name, method)
     if rank is None:
         rank = max([1, *(exact_rank(layer, adapter_name) for layer in layers.values())])
-    config = LoraConfig(r=rank, alpha=float(rank), dropout=configs[adapter_name].dropout, target_modules=list(layers))
+    old = configs[adapter_name]
+    config = LoraConfig(
+        r=rank,
+        alpha=float(rank),
+        dropout=old.dropout,
+        target_modules=list(layers),
+        modules_to_save=old.modules_to_save,
+    )
     built, report = {}, []
     for name, layer in layers.items():  # one layer's float64 ΔW and SVD in memory at a time
         built[name], conversion = _convert_layer(config, name, layer, adapter_name)
@@ -164,10 +172,16 @@ def _check_convertible(layers: dict[str, AdaptedLayer], adapter_name: str, metho
                 f"adapter {adapter_name!r} is merged into the weight of {name!r}: unmerge it "
                 "(slimtune.unmerge_adapters) before converting it to LoRA"
             )
-        if isinstance(layer.adapter(adapter_name), OutputAdapter):
+        adapter = layer.adapter(adapter_name)
+        if isinstance(adapter, OutputAdapter):
+            why, instead = (
+                ("a SURM output adapter changes the layer's bias too", "merge it instead")
+                if adapter.supports_merge
+                else ("its output is a non-linear function of the layer's output, no weight update", "keep it as is")
+            )
             raise ConfigError(
-                f"method={method!r} of adapter {adapter_name!r} cannot be converted to LoRA: a SURM output adapter "
-                "changes the layer's bias too; allowed are lora, lora_sp, disha and surm (merge it instead)"
+                f"method={method!r} of adapter {adapter_name!r} cannot be converted to LoRA: {why}; allowed are "
+                f"lora, lora_sp, disha and surm ({instead})"
             )
 
 

@@ -11,7 +11,8 @@
 
 Each mapping: :meth:`PeftMethod.export_fields` / :meth:`PeftMethod.export_tensors` for writing,
 :meth:`PeftMethod.import_config` / :meth:`PeftMethod.import_tensors` for reading. Only ``nn.Linear`` layers go to
-MiSS and C3A (PEFT adapts nothing else with them).
+MiSS and C3A (PEFT adapts nothing else with them). The output adapters (SURM's adapter mode, the bottleneck
+adapter) have no PEFT form: :func:`peft_method_of` refuses them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from slimtune.adapters.base import AdaptedLayer, Adapter, conv1d_class
+from slimtune.adapters.bottleneck import BottleneckConfig
 from slimtune.adapters.disha import DishaConfig
 from slimtune.adapters.lora import LoraConfig
 from slimtune.adapters.surm import SurmAdapterConfig, SurmConfig
@@ -239,6 +241,12 @@ def peft_method_of(config: AdapterConfig) -> PeftMethod:
                 "shares a block along the input blocks, MiSS's Bat along the output blocks)"
             )
         return PEFT_METHODS["MISS"]
+    if isinstance(config, BottleneckConfig):
+        raise ConfigError(
+            "method='bottleneck' has no PEFT equivalent: PEFT has no bottleneck adapter, and this non-linear "
+            "adapter is no weight update; allowed for export are 'lora', 'lora_sp', 'disha' and 'surm' (save a "
+            "bottleneck adapter with save_adapter)"
+        )
     if isinstance(config, SurmAdapterConfig):
         raise ConfigError(
             "method='surm_adapter' has no PEFT equivalent: PEFT's C3A replaces LoRA's update; export a SurmConfig "

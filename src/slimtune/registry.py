@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from slimtune.adapters.bottleneck import BottleneckConfig
 from slimtune.adapters.disha import DishaConfig
 from slimtune.adapters.lora import LoraConfig
 from slimtune.adapters.lora_sp import LoraSpConfig
@@ -18,6 +19,7 @@ METHODS: dict[str, type[AdapterConfig]] = {
     LoraSpConfig.method: LoraSpConfig,
     SurmConfig.method: SurmConfig,
     SurmAdapterConfig.method: SurmAdapterConfig,
+    BottleneckConfig.method: BottleneckConfig,
 }
 
 

@@ -43,6 +43,7 @@ METHODS: dict[str, Callable[..., st.AdapterConfig]] = {
         for s in ("circulant", "toeplitz", "toeplitz_symmetric", "toeplitz_product", "kronecker", "ldr")
     },
     "surm_adapter": lambda **kw: st.SurmAdapterConfig(**{"block_size": 6, "target_modules": ["fc1", "fc2"], **kw}),
+    "bottleneck": lambda **kw: st.BottleneckConfig(**{"r": 5, "target_modules": ["fc1", "fc2"], **kw}),
 }
 
 # (method, config overrides) -> the message parts of the ShapeError get_adapted_model raises on the tiny MLP.
@@ -106,6 +107,7 @@ UNKNOWN_NAMES = [
     (lambda: st.DishaConfig(variant="bat"), "variant='bat'", "bat_col"),
     (lambda: st.SurmConfig(structure="circulent"), "structure='circulent'", "circulant"),
     (lambda: st.SurmAdapterConfig(activation="tanh"), "activation='tanh'", "gelu"),
+    (lambda: st.BottleneckConfig(activation="tanh"), "activation='tanh'", "relu"),
     (lambda: st.LoraConfig(init="xavier"), "init='xavier'", "kaiming"),
     (lambda: st.LoraSpConfig(granularity="row"), "granularity='row'", "element"),
     (lambda: st.config_from_dict({"method": "dora", "r": 4}), "method='dora'", "lora_sp"),

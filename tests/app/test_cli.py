@@ -131,6 +131,10 @@ def test_every_config_field_is_an_option(capsys):
             ["--method", "surm_adapter", "--activation", "gelu", "--no-bias", "--target-modules", r".*\.o_proj"],
             st.SurmAdapterConfig(activation="gelu", bias=False, target_modules=r".*\.o_proj"),
         ),
+        (
+            ["--method", "bottleneck", "--r", "8", "--activation", "relu", "--scaling", "0.5", "--no-bias"],
+            st.BottleneckConfig(r=8, activation="relu", scaling=0.5, bias=False),
+        ),
         ([], st.DishaConfig(variant="bone")),
     ],
 )

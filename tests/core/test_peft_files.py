@@ -217,9 +217,10 @@ def test_task_type_follows_the_model_class_and_peft_loads_it(task_type, make, tm
         assert written["base_model_name_or_path"] is None
     loaded = peft.PeftModel.from_pretrained(make(), tmp_path)
     torch.testing.assert_close(any_output(loaded, inputs), expected, **TOL)
-    if task_type == "SEQ_CLS":  # the head is a whole module (modules_to_save), not an adapter slimtune can hold
-        with pytest.raises(st.ConfigError, match="modules_to_save="):
-            import_peft(make(), tmp_path)
+    imported = import_peft(make(), tmp_path)  # a SEQ_CLS head comes back as the adapter's modules_to_save copy
+    torch.testing.assert_close(any_output(imported, inputs), expected, **TOL)
+    if task_type == "SEQ_CLS":
+        assert st.adapter_configs(imported)["default"].modules_to_save == ["score"]
 
 
 def test_an_adapter_in_a_sequence_classifiers_head_is_refused(tmp_path):
@@ -298,7 +299,7 @@ def assert_import_fails(directory, error: type[Exception], match: str) -> None:
         ({"use_dora": True}, "use_dora=.True. is not allowed"),
         ({"lora_bias": True}, "lora_bias=.True. is not allowed"),
         ({"bias": "all"}, "bias='all' is not allowed"),
-        ({"modules_to_save": ["fc2"]}, "modules_to_save="),
+        ({"modules_to_save": "fc2"}, "modules_to_save='fc2' is not allowed: expected a list"),
         ({"layer_replication": [[0, 1]]}, "layer_replication="),
         ({"rank_pattern": {"fc2": 2}}, "rank_pattern="),
         ({"alpha_pattern": {"fc2": 2}}, "alpha_pattern="),

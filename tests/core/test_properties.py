@@ -1,8 +1,9 @@
 """Property tests with hypothesis: random layer shapes and configs for every adapter family.
 
 For each method and variant (``FAMILIES``) and each drawn (d_in, d_out, config): identity at init, merge/unmerge
-round trip within tolerance, save/load round trip exact. Shapes are drawn so that the config fits (r divides what
-the variant needs). 12 examples per family and property: 13 families × 3 properties × 12 = 468 examples.
+round trip within tolerance (for a non-affine adapter, ``supports_merge`` False: the merge is refused), save/load
+round trip exact. Shapes are drawn so that the config fits (r divides what the variant needs). 12 examples per
+family and property: 14 families × 3 properties × 12 = 504 examples.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from slimtune.adapters.structures import STRUCTURES as SURM_STRUCTURES
 SETTINGS = settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 STRUCTURES = ["circulant", "toeplitz", "toeplitz_symmetric", "toeplitz_product", "kronecker", "ldr"]
 # every method and variant registered: LoRA (+ rsLoRA), LoRA-SP, DiSHA's four variants, each SURM structure, the
-# SURM adapter (its structures and activations drawn)
+# SURM adapter (its structures and activations drawn), the bottleneck adapter
 FAMILIES = [
     "lora",
     "lora_sp",
@@ -34,6 +35,7 @@ FAMILIES = [
     "bat_row",
     *(f"surm_{s}" for s in STRUCTURES),
     "surm_adapter",
+    "bottleneck",
 ]
 
 
@@ -66,6 +68,15 @@ def layer_and_config(draw, family: str, mergeable: bool = False) -> tuple[int, i
             ),
         )
     d_in, d_out = draw(hs.integers(1, 40)), draw(hs.integers(1, 40))
+    if family == "bottleneck":
+        activation, bias = draw(hs.sampled_from(["relu", "gelu", "silu"])), draw(hs.booleans())
+        scaling = draw(hs.floats(-2.0, 2.0))
+        r = draw(hs.integers(1, 12))
+        return (
+            d_in,
+            d_out,
+            st.BottleneckConfig(r=r, activation=activation, bias=bias, scaling=scaling, target_modules=["layer"]),
+        )
     if family == "bone":
         return d_in, d_out, st.DishaConfig(r=draw(hs.integers(1, d_in)))
     if family == "mini":
@@ -81,7 +92,7 @@ def layer_and_config(draw, family: str, mergeable: bool = False) -> tuple[int, i
 
 def test_every_registered_method_variant_and_structure_is_drawn():
     """A method, DiSHA variant or SURM structure added to slimtune fails here until FAMILIES draws it."""
-    assert set(st.METHODS) == {"lora", "lora_sp", "disha", "surm", "surm_adapter"}
+    assert set(st.METHODS) == {"lora", "lora_sp", "disha", "surm", "surm_adapter", "bottleneck"}
     assert set(DISHA_VARIANTS) <= set(FAMILIES) and tuple(STRUCTURES) == tuple(SURM_STRUCTURES)
 
 
@@ -119,6 +130,10 @@ def test_merge_unmerge_round_trip(family, data, bias):
     d_in, d_out, config = data.draw(layer_and_config(family, mergeable=True))
     _, model = build(d_in, d_out, config, bias)
     randomize_adapters(model, scale=0.2)
+    if not config.adapter_class.supports_merge:  # a family with no affine form (the bottleneck adapter)
+        with pytest.raises(st.MergeError, match="cannot be merged"):
+            st.merge_adapters(model)
+        return
     x = torch.randn(3, d_in)
     adapted = model(x).detach()
     weight = model.layer.base_layer.weight.detach().clone()

@@ -22,7 +22,7 @@ import slimtune as st
 from cases import tiny_llama
 
 SCRIPT = Path(__file__).parents[1] / "train_script.py"
-FAMILIES = ("lora", "lora_sp", "bone", "mini", "bat_col", "bat_row", "surm_circulant", "surm_adapter")
+FAMILIES = ("lora", "lora_sp", "bone", "mini", "bat_col", "bat_row", "surm_circulant", "surm_adapter", "bottleneck")
 STEPS = 4
 
 

@@ -37,7 +37,14 @@ from slimtune.errors import SlimtuneError
 from slimtune.registry import METHODS
 from slimtune.training.data import TOO_LONG
 
-_MODEL_HELP = "'smollm2' (the bundled SmolLM2-135M-Instruct) or a local Hugging Face causal-LM folder"
+_MODEL_HELP = (
+    "'smollm2' (the bundled SmolLM2-135M-Instruct), 'minilm' (all-MiniLM-L6-v2, for --task classify) or a local "
+    "Hugging Face folder"
+)
+_TASK_HELP = (
+    "lm: causal-LM fine-tuning on text or chats; classify: sequence classification (a new head, kept whole with "
+    "the adapter) on --data bbc (BBC News topics) or a .jsonl / .csv file with 'text' and 'label'"
+)
 _METHOD_HELP = (
     f"adapter method: one of {sorted(METHODS)}, or a DiSHA variant {list(DISHA_VARIANTS)} as a shortcut for "
     "'disha --variant ...'"
@@ -122,6 +129,11 @@ def _add_finetune(sub: Any) -> None:
     _model_data_options(p, taken, output="runs/finetune")
     option(p, taken, "method", default="bone", choices=METHOD_CHOICES, help=_METHOD_HELP)
     option(p, taken, "quantize", default=None, choices=list(QUANTIZE_CHOICES), help=QUANTIZE_HELP)
+    option(p, taken, "task", default="lm", choices=["lm", "classify"], help=_TASK_HELP)
+    option(
+        p, taken, "k_shot", type=int, default=None, help="--task classify: train on K examples per class (by --seed)"
+    )
+    option(p, taken, "eval_examples", type=int, default=None, help="--task classify: held-out examples (default: all)")
     group = p.add_argument_group("training")
     defaults = {"steps": 20, "lr": 1e-4, "warmup": 2, "eval_every": 10, "checkpoint_every": 10}
     train = add_config_options(group, {"train": TrainConfig}, taken, "train", exclude=TRAIN_SKIP, defaults=defaults)
@@ -175,8 +187,16 @@ def _add_eval(sub: Any) -> None:
     dtype_help = "dtype of the model's weights (adapters stay float32 on a bfloat16 / float16 base)"
     option(p, taken, "dtype", default="float32", choices=["float32", "bfloat16", "float16"], help=dtype_help)
     option(p, taken, "quantize", default=None, choices=list(QUANTIZE_CHOICES), help=QUANTIZE_HELP)
-    option(p, taken, "task", default="perplexity", choices=["perplexity", "topic"], help="what to measure")
-    option(p, taken, "data", default="bbc", help=DATA_HELP + " (topic: BBC News only)")
+    task_help = (
+        "perplexity; topic (zero-shot BBC topic choice by a causal LM); classify (a sequence classifier's accuracy, "
+        "macro-F1 and confusion matrix: the adapter's classifier, or a merged classifier folder as --model); passkey "
+        "(retrieval of a 5-digit key hidden in filler, scored by log-likelihood); position-loss (next-token loss by "
+        "position bucket 0-64 ... 2048-4096 of --data packed into --seq-len blocks)"
+    )
+    tasks = ["perplexity", "topic", "classify", "passkey", "position-loss"]
+    option(p, taken, "task", default="perplexity", choices=tasks, help=task_help)
+    data_help = DATA_HELP + " (topic: BBC News only; classify: 'bbc' topics or a .jsonl / .csv with 'text', 'label')"
+    option(p, taken, "data", default="bbc", help=data_help)
     option(
         p,
         taken,
@@ -185,11 +205,29 @@ def _add_eval(sub: Any) -> None:
         choices=["train", "validation", "test"],
         help="bbc / bbc-instruct split",
     )
-    option(p, taken, "seq_len", type=int, default=None, help="tokens per block (default: 128; 256 for chat data)")
+    seq_len_help = "tokens per block (default: 128; 256 for chat data; 4096 for position-loss)"
+    option(p, taken, "seq_len", type=int, default=None, help=seq_len_help)
     option(p, taken, "too_long", default="error", choices=list(TOO_LONG), help=TOO_LONG_HELP)
-    option(p, taken, "max_blocks", type=int, default=32, help="blocks to evaluate (perplexity)")
-    option(p, taken, "max_examples", type=int, default=100, help="articles to classify (topic)")
+    option(p, taken, "max_blocks", type=int, default=32, help="blocks to evaluate (perplexity, position-loss)")
+    option(p, taken, "max_examples", type=int, default=None, help="examples to classify (topic: 100; classify: all)")
+    option(p, taken, "confusion_plot", default=None, help="classify: also write the confusion matrix to this PNG")
     option(p, taken, "batch_size", type=int, default=4, help="blocks per forward pass (perplexity, harness)")
+    option(
+        p,
+        taken,
+        "lengths",
+        type=int,
+        nargs="+",
+        default=[256, 512, 1024, 2048, 4096],
+        help="passkey: tokens per prompt, answer included",
+    )
+    option(p, taken, "depths", type=float, nargs="+", default=[0.1, 0.5, 0.9], help="passkey: needle depths in [0, 1]")
+    option(p, taken, "keys", type=int, default=20, help="passkey: keys per (length, depth)")
+    window_help = (
+        "passkey: report needles within the last WINDOW prompt tokens apart (default: the softmax window of a "
+        "--linear-attention hybrid, else none)"
+    )
+    option(p, taken, "window", type=int, default=None, help=window_help)
     harness = (
         "run EleutherAI's lm-evaluation-harness offline on these comma-separated tasks instead of --task: "
         "bbc_topic (zero-shot topic choice), bbc_perplexity (whole BBC News test articles), or tasks of --include-path"

@@ -44,6 +44,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
       slimtune finetune --method lora_sp --freeze-fraction 0.5 --granularity rank --data my_texts.jsonl
       slimtune finetune --resume --steps 40     # extend a finished 20-step run to 40 steps
       slimtune finetune --method lora --quantize nf4 --dtype bfloat16 --gradient-checkpointing   # QLoRA-style
+      slimtune finetune --task classify --model minilm --method surm_adapter --k-shot 32 --steps 40 --lr 1e-2
       ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m slimtune finetune   # 2 CPU processes
       ACCELERATE_USE_CPU=1 accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2 -m slimtune finetune
     """
@@ -55,9 +56,16 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     apply_mixed_precision(args)
     accelerator = make_accelerator()  # the process state train() will use (accelerate launch's, FSDP2 on CPU)
     main_process = accelerator.is_main_process
+    classify = args.task == "classify"
+    if not classify and (args.k_shot is not None or args.eval_examples is not None):
+        raise ConfigError("--k-shot and --eval-examples are allowed with --task classify only")
     output = Path(args.output)
     config = TrainConfig(**collect(args, args.train_options), output_dir=str(output), desc=f"finetune {args.method}")
     adapter = adapter_config(args.method, collect(args, args.adapter_options, skip_none=True))
+    if classify:  # the classifier completes the adapter's defaults (its head, BERT's layers) before the run is checked
+        from slimtune.app.classify_commands import classification_setup
+
+        model, data = classification_setup(args, adapter, config.seed)
     run = {"method": args.method, "adapter_config": adapter.to_dict()}
     check_run_folder(output, overwrite=args.overwrite, resume=config.resume, run=run, remove=main_process)
     accelerator.wait_for_everyone()
@@ -68,8 +76,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     }
     if main_process:
         print(describe_processes(accelerator))
-    model, tokenizer = load_named_model(args.model, args.dtype, args.quantize)
-    data = training_data(args, tokenizer)
+    if not classify:
+        model, tokenizer = load_named_model(args.model, args.dtype, args.quantize)
+        data = training_data(args, tokenizer)
     torch.manual_seed(config.seed)
     model = get_adapted_model(model, adapter)
     counts = parameter_counts(model)
@@ -80,7 +89,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         print(f"{args.method} on {args.model} ({base}): {counts}")
     result = train(model, data.train, config, data.held_out, loss_fn=data.loss_fn)
     if main_process:
-        _report_finetune(args, model, adapter, config, counts, result, launch)
+        extra = {}
+        if classify:
+            from slimtune.app.classify_commands import report_classifier
+
+            extra = report_classifier(args, model, data)
+        _report_finetune(args, model, adapter, config, counts, result, {**launch, **extra})
     return 0
 
 
@@ -96,6 +110,8 @@ def _report_finetune(
     record = {
         "model": args.model,
         "data": args.data,
+        "task": args.task,
+        "k_shot": args.k_shot,
         "method": args.method,
         "adapter_config": adapter.to_dict(),
         "train_config": dataclasses.asdict(config),
@@ -118,7 +134,8 @@ def _report_finetune(
         print(f"train loss {first:.4f} -> {last:.4f} over steps {steps} ({result.seconds:.1f} s)")
     if result.eval_losses:
         step, loss = max(result.eval_losses.items())
-        print(f"held-out loss after step {step}: {loss:.4f} (perplexity {math.exp(loss):.2f})")
+        perplexity = "" if args.task == "classify" else f" (perplexity {math.exp(loss):.2f})"
+        print(f"held-out loss after step {step}: {loss:.4f}{perplexity}")
     print(f"adapter saved to {adapter_dir}; loss curves: {plot}")
 
 
@@ -231,13 +248,16 @@ def cmd_linearize(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a model, after loading an adapter and/or linear attention: held-out perplexity on text blocks
     (on the answer tokens for chat data: --data bbc-instruct or a chat .jsonl), or zero-shot BBC News topic
-    accuracy (the topic whose name is likeliest after the article's beginning and "Topic:"), or with --harness
+    accuracy (the topic whose name is likeliest after the article's beginning and "Topic:"), long-context passkey
+    retrieval or loss by position (slimtune.training.long_context), or with --harness
     lm-evaluation-harness tasks run offline (slimtune.app.harness; pip install lm-eval). Prints one JSON line.
 
     examples:
       slimtune eval --adapter runs/finetune/adapter                       # held-out BBC News perplexity
       slimtune eval --harness bbc_topic,bbc_perplexity --limit 100        # lm-eval, base SmolLM2
       slimtune eval --model merged/ --harness bbc_topic                   # a merged fine-tune
+      slimtune eval --task passkey --linear-attention runs/linearize/linear_attention --lengths 256 512 --keys 20
+      slimtune eval --task position-loss --split test --max-blocks 8      # loss by position, 4096-token blocks
     """
     from slimtune.app.corpus import bbc_news_articles, split_articles
     from slimtune.app.data_options import data_blocks
@@ -246,12 +266,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from slimtune.training.evaluate import evaluate_loss
     from slimtune.training.losses import causal_lm_loss, masked_lm_loss
 
+    if args.task == "classify":
+        from slimtune.app.classify_commands import cmd_evaluate_classifier
+
+        if args.harness or args.linear_attention or args.quantize:
+            raise ConfigError("--task classify is not allowed with --harness, --linear-attention or --quantize")
+        return cmd_evaluate_classifier(args)
     chat = args.task == "perplexity" and is_chat(args.data)
     if chat and args.linear_attention:
         raise ConfigError(
             "--linear-attention with chat data is not allowed: linear attention carries its state across the "
             "examples packed in a block (no per-example reset); evaluate it on plain text"
         )
+    refuse_classifier_adapter(args.adapter, args.task)
     model, tokenizer = load_named_model(args.model, args.dtype, args.quantize)
     if args.linear_attention:
         from slimtune.linear_attention import load_linearized
@@ -267,6 +294,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "adapter": args.adapter,
         "quantize": args.quantize,
     }
+    if args.task in ("passkey", "position-loss"):
+        from slimtune.app.long_context_commands import cmd_long_context
+
+        return cmd_long_context(args, model, tokenizer, {**report, "linear_attention": args.linear_attention})
     if args.task == "perplexity":
         resolve_seq_len(args, chat)
         blocks = data_blocks(args, tokenizer, args.data, args.split, args.max_blocks)
@@ -280,7 +311,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             )
         articles = bbc_news_articles()
         names = [topic for _, topic in sorted({(a.label, a.topic) for a in articles})]
-        chosen = split_articles(articles)[args.split][: args.max_examples]
+        chosen = split_articles(articles)[args.split][: args.max_examples or 100]
         accuracy = topic_accuracy(model, tokenizer, [(a.text, a.label) for a in chosen], names)
         report.update(accuracy=accuracy, examples=len(chosen), split=args.split, chance=1 / len(names))
     print(json.dumps(report))
@@ -321,6 +352,19 @@ def load_named_model(name: str, dtype: str = "float32", quantize: str | None = N
     from slimtune.app.models import load_causal_lm
 
     return load_causal_lm(name, getattr(torch, dtype), quantize)
+
+
+def refuse_classifier_adapter(adapter: str | None, task: str) -> None:
+    """ConfigError when ``adapter`` belongs to a sequence classifier (it holds class names) but ``task`` is not
+    ``classify``."""
+    from slimtune.app.classify_commands import adapter_labels
+
+    labels = adapter_labels(adapter)
+    if labels is not None:
+        raise ConfigError(
+            f"adapter={adapter!r} is a sequence classifier's (labels {labels}), not a causal LM's: evaluate it with "
+            f"--task classify (not --task {task})"
+        )
 
 
 def apply_mixed_precision(args: argparse.Namespace) -> None:

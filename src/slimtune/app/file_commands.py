@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from slimtune.app.classify_commands import adapter_labels, load_for_adapter
 from slimtune.app.commands import load_named_model
 from slimtune.app.outputs import check_new_folder
 from slimtune.errors import ConfigError
@@ -16,7 +17,9 @@ from slimtune.errors import ConfigError
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """Load an adapter, merge it into the base weights and save a plain Hugging Face model folder (model and
-    tokenizer; load it with AutoModelForCausalLM.from_pretrained or `slimtune eval --model <folder>`).
+    tokenizer; load it with AutoModelForCausalLM.from_pretrained or `slimtune eval --model <folder>`). A
+    classifier's adapter (finetune --task classify) gives a *ForSequenceClassification folder with its trained head
+    and class names (AutoModelForSequenceClassification; `slimtune eval --task classify --model <folder>`).
 
     The folder's config.json lists the merged adapter's SHA-256 under slimtune_merged_adapters, so loading the
     same adapter onto the merged model again is refused."""
@@ -32,7 +35,7 @@ def merge_to_folder(model_name: str, adapter: str, output: Path, dtype: torch.dt
     from slimtune.inject import adapter_configs, merge_and_unload
     from slimtune.serialization import MERGED_ATTRIBUTE, adapter_fingerprint, load_adapter
 
-    model, tokenizer = load_named_model(model_name)
+    model, tokenizer = load_for_adapter(model_name, adapter)
     method = adapter_configs(load_adapter(model, adapter))["default"].method
     merged = merge_and_unload(model).to(dtype)
     record = {"sha256": adapter_fingerprint(adapter), "method": method, "adapter": str(adapter)}
@@ -75,7 +78,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from slimtune.serialization import load_adapter
 
     check_new_folder(Path(args.output), overwrite=args.overwrite)
-    model, _ = load_named_model(args.model)
+    model, _ = load_for_adapter(args.model, args.adapter)
     load_adapter(model, args.adapter)
     if args.format == "lora":
         print(convert_to_lora(model, rank=args.rank))
@@ -93,6 +96,11 @@ def _export_gguf(args: argparse.Namespace) -> int:
         raise ConfigError(f"output={args.output!r} is a folder: --format gguf writes one file, e.g. model.gguf")
     if output.exists() and not args.overwrite:
         raise ConfigError(f"output={args.output!r} exists: pass --overwrite to replace it, or name a new file")
+    if adapter_labels(args.adapter) is not None:
+        raise ConfigError(
+            f"adapter={args.adapter!r} is a sequence classifier's: --format gguf writes causal LMs for llama.cpp; "
+            "use `slimtune merge` for a Hugging Face classifier folder, or --format peft"
+        )
     if args.fetch_converter:
         print(f"llama.cpp converter in {fetch_converter()}")
     if args.adapter is None:

@@ -19,6 +19,7 @@ deleted by the next call: at once when their process (named in the folder) is go
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ import secrets
 import shutil
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -141,6 +142,62 @@ def load_model(
         reason = " ".join(line.strip() for line in str(err).splitlines() if line.strip())[:400] or type(err).__name__
         raise ConfigError(f"name_or_path={str(name_or_path)!r} cannot be loaded by transformers: {reason}") from None
     return model.eval(), tokenizer
+
+
+def load_classifier(
+    name_or_path: str | os.PathLike, labels: list[str], dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A sequence classifier over ``labels`` (class names, in label order) and its tokenizer.
+
+    ``"minilm"`` gives ``BertForSequenceClassification``, ``"smollm2"`` ``LlamaForSequenceClassification``, a
+    local folder its ``AutoModelForSequenceClassification`` class. The pretrained body is loaded; the head
+    (``classifier`` / ``score``, d_model → len(labels)) is new, drawn from torch's global generator (seed it
+    first for a reproducible head). ``config.id2label`` holds the names, and ``config.pad_token_id`` is set
+    (the tokenizer's pad token, else its EOS token), which a decoder needs to find each sequence's last token.
+
+    Raises:
+        ConfigError: fewer than two labels; a bad ``dtype``; as :func:`load_model` for a folder.
+        ModuleNotFoundError: the package shipping the model is not installed (the message has the pip command).
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    if len(labels) < 2 or len(set(labels)) != len(labels):
+        raise ConfigError(f"labels={labels!r} is not allowed: expected at least two distinct class names")
+    _check_dtype(dtype)
+    folder = _model_folder(name_or_path) if name_or_path not in MODEL_NAMES else model_folder(str(name_or_path))
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    settings = {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {name: i for i, name in enumerate(labels)},
+        "pad_token_id": pad,
+    }
+    try:
+        with _quiet_load_report():
+            model = AutoModelForSequenceClassification.from_pretrained(
+                folder, dtype=dtype, local_files_only=True, **settings
+            )
+    except (ValueError, OSError, KeyError, StrictDataclassError) as err:
+        reason = " ".join(line.strip() for line in str(err).splitlines() if line.strip())[:400] or type(err).__name__
+        raise ConfigError(
+            f"name_or_path={str(name_or_path)!r} cannot be loaded as a sequence classifier by transformers: {reason}"
+        ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_load_report() -> Iterator[None]:
+    """Silence transformers' load report, which lists the new head as MISSING (it is new on purpose)."""
+    logger_ = logging.getLogger("transformers.modeling_utils")
+    level = logger_.level
+    logger_.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger_.setLevel(level)
 
 
 def model_folder(name: str) -> Path:

@@ -111,6 +111,8 @@ def parse_run(spec: str) -> tuple[str, AdapterConfig, float | None]:
             lr = _parse_value("float", text, "lr")
         elif key == "target_modules":
             values[key] = _target_modules(text.split("+"))
+        elif kinds.get(key) == "list[str] | None":
+            values[key] = None if text.strip().lower() == "none" else text.split("+")
         else:
             values[key] = _parse_value(kinds.get(key, "str"), text, key)
     return label, adapter_config(method, values), lr
@@ -144,7 +146,7 @@ def _argument_kind(kind: str) -> dict[str, Any]:
     """argparse settings for a field of type ``kind`` (its annotation as a string)."""
     if kind == "bool":
         return {"action": argparse.BooleanOptionalAction}
-    if kind == "list[str] | str":
+    if kind in ("list[str] | str", "list[str] | None"):
         return {"nargs": "+", "metavar": "NAME"}
     base = kind.replace(" | None", "")
 

@@ -1,6 +1,7 @@
 """Training: the one loop on ``accelerate`` (causal-LM fine-tuning, chat fine-tuning with the loss on answers only,
-and linear-attention recovery are loss functions run on it), its checkpoints, data order, metrics log and
-evaluation, text packed into token blocks and chat / instruction examples packed without leaking across examples.
+sequence classification and linear-attention recovery are loss functions run on it), its checkpoints, data order,
+metrics log and evaluation, text packed into token blocks, chat / instruction examples packed without leaking
+across examples, and labelled texts encoded as classification examples.
 
 Imports the core (:mod:`slimtune`) and never the application layer (:mod:`slimtune.app`).
 """
@@ -13,9 +14,27 @@ from slimtune.training.chat_data import (
     read_chat_jsonl,
     write_chat_jsonl,
 )
+from slimtune.training.classification import (
+    ClassificationMetrics,
+    classification_loss,
+    encode_classification,
+    evaluate_classifier,
+    k_shot,
+    macro_f1,
+    predict,
+)
 from slimtune.training.config import LoopOptions, TrainConfig, TrainLMOptions, TrainResult
 from slimtune.training.data import Example, load_texts, pack_examples, pack_for_lm, read_text_file
 from slimtune.training.evaluate import evaluate_lm, evaluate_loss
+from slimtune.training.long_context import (
+    PasskeyCell,
+    PasskeyPrompt,
+    PasskeyResult,
+    passkey_accuracy,
+    passkey_prompt,
+    position_losses,
+    prefill_cost,
+)
 from slimtune.training.loop import cosine_with_warmup, train, train_lm
 from slimtune.training.losses import LossFn, answer_token_count, causal_lm_loss, loss_weight, masked_lm_loss
 from slimtune.training.metrics import METRICS_FILE
@@ -23,9 +42,13 @@ from slimtune.training.recovery import attention_mse, attention_transfer, finetu
 
 __all__ = [
     "METRICS_FILE",
+    "ClassificationMetrics",
     "Example",
     "LoopOptions",
     "LossFn",
+    "PasskeyCell",
+    "PasskeyPrompt",
+    "PasskeyResult",
     "TrainConfig",
     "TrainLMOptions",
     "TrainResult",
@@ -35,17 +58,27 @@ __all__ = [
     "causal_lm_loss",
     "chat_blocks",
     "chat_format",
+    "classification_loss",
     "cosine_with_warmup",
+    "encode_classification",
     "encode_examples",
+    "evaluate_classifier",
     "evaluate_lm",
     "evaluate_loss",
     "finetune",
+    "k_shot",
     "load_texts",
     "loss_weight",
+    "macro_f1",
     "masked_lm_loss",
     "pack_examples",
     "pack_for_lm",
     "packing_leak",
+    "passkey_accuracy",
+    "passkey_prompt",
+    "position_losses",
+    "predict",
+    "prefill_cost",
     "read_chat_jsonl",
     "read_text_file",
     "train",

@@ -101,16 +101,18 @@ def train(
 ) -> TrainResult:
     """Train ``model`` on ``blocks`` [n, seq_len] token ids, minimising ``loss_fn(model, batch [B, seq_len])``.
 
-    ``loss_fn`` defaults to the causal-LM loss of an HF model (``model(input_ids=, labels=).loss``).
+    ``loss_fn`` defaults to the causal-LM loss of an HF model (``model(input_ids=, labels=).loss``). ``blocks``
+    may also be packed examples [n, seq_len, 3] or classification examples [n, seq_len, 2]
+    (:func:`slimtune.training.evaluate.check_blocks`), trained with their own loss function.
     ``eval_blocks`` [m, seq_len]: held-out blocks, the mean ``loss_fn`` over them is evaluated every
     ``config.eval_every`` steps and after the last. ``on_step(record)`` is called on every process after each step
     with the step's metrics (the line written to ``metrics.jsonl``), after that step's evaluation and checkpoint.
     ``train_mode=False`` trains the model in eval mode (no dropout). The model is left in the mode it trained in.
 
     Raises:
-        ConfigError: no trainable parameter; ``blocks`` (or ``eval_blocks``) empty, not integer token ids
-            [n, seq_len], shorter than 2 tokens or holding ids outside the vocabulary; or a checkpoint that does
-            not fit this run (the message names the setting that changed).
+        ConfigError: no trainable parameter; ``blocks`` (or ``eval_blocks``) empty, in none of the formats
+            :func:`check_blocks` accepts, too short or holding ids outside the vocabulary; or a checkpoint that
+            does not fit this run (the message names the setting that changed).
         FloatingPointError: the loss or a gradient became NaN or inf (the message names the step, the learning
             rate and the last good checkpoint; the weights are left as they were before that step).
         OSError: a checkpoint could not be written (the message names it and the newest complete one, which is

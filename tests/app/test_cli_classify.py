@@ -147,6 +147,7 @@ def test_own_labelled_data_trains_and_evaluates(tmp_path, capsys):
     [
         (["finetune", "--task", "classify", "--k-shot", "600"], "fewer than k=600"),
         (["finetune", "--k-shot", "4"], "--k-shot and --eval-examples are allowed with --task classify only"),
+        (["finetune", "--task", "classify", "--k-shot", "0"], "k_shot=0 is not allowed: expected a positive integer"),
         (["finetune", "--task", "classify", "--quantize", "nf4"], "quantize='nf4' is not allowed with --task classify"),
         (["finetune", "--task", "classify", "--data", "bbc-instruct"], "data='bbc-instruct' is not allowed"),
         (

@@ -22,7 +22,7 @@ from torch import nn
 from slimtune.app.data_options import TrainingData
 from slimtune.app.labelled_data import LabelledData, bbc_topic_data, read_labelled_file
 from slimtune.app.options import collect
-from slimtune.config import AdapterConfig
+from slimtune.config import AdapterConfig, check_int
 from slimtune.errors import ConfigError
 from slimtune.training.classification import (
     ClassificationMetrics,
@@ -52,6 +52,7 @@ def classification_setup(args: argparse.Namespace, adapter: AdapterConfig, seed:
 
     if args.quantize is not None:
         raise ConfigError(f"quantize={args.quantize!r} is not allowed with --task classify: expected no --quantize")
+    check_int("k_shot", args.k_shot, optional=True)
     train = labelled_data(args.data, "train")
     if args.k_shot is not None:
         chosen = k_shot(train.labels, args.k_shot, seed)

@@ -15,14 +15,7 @@ from collections.abc import Callable, Iterator
 from torch import nn
 
 from slimtune.adapters.base import AdaptedLayer, Adapter, is_supported_base
-from slimtune.adapters.saved_modules import (
-    attach_copies,
-    build_copies,
-    find_saved_modules,
-    remove_copies,
-    saved_modules,
-    unwrap_saved,
-)
+from slimtune.adapters.saved_modules import SavedModule, build_copies, find_saved_modules, saved_modules
 from slimtune.config import ALL_LINEAR, AdapterConfig
 from slimtune.errors import AdapterNameError, ConfigError, TargetModulesError
 
@@ -105,7 +98,7 @@ def inject_adapter(
             layer = AdaptedLayer(layer)
             replace_module(model, name, layer)
         layer.add_adapter(adapter_name, adapter)
-    attach_copies(model, adapter_name, copies)
+    _attach_copies(model, adapter_name, copies)
     configs[adapter_name] = config
     setattr(model, CONFIGS_ATTRIBUTE, configs)
     for param in model.parameters():
@@ -210,6 +203,35 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _attach_copies(model: nn.Module, adapter_name: str, copies: dict[str, nn.Module]) -> None:
+    """Put each copy into its module's :class:`SavedModule` (wrapping the module first if needed) as
+    ``adapter_name``'s copy."""
+    for name, module_copy in copies.items():
+        module = model.get_submodule(name)
+        if not isinstance(module, SavedModule):
+            module.requires_grad_(False)
+            module = SavedModule(module)
+            replace_module(model, name, module)
+        module.modules_to_save[adapter_name] = module_copy
+
+
+def _remove_copies(model: nn.Module, adapter_name: str) -> None:
+    """Drop ``adapter_name``'s copies; a :class:`SavedModule` left with none goes back to its original."""
+    for name, module in list(saved_modules(model)):
+        if adapter_name in module.modules_to_save:
+            del module.modules_to_save[adapter_name]
+            if module.active_copy == adapter_name:
+                module.active_copy = None
+        if not module.modules_to_save:
+            replace_module(model, name, module.original_module)
+
+
+def _unwrap_saved(model: nn.Module, keep_copies: bool) -> None:
+    """Replace every :class:`SavedModule` by the module it runs (``keep_copies``) or by its original."""
+    for name, module in list(saved_modules(model)):
+        replace_module(model, name, module.in_use() if keep_copies else module.original_module)
+
+
 def set_adapter(model: nn.Module, adapter_names: str | list[str]) -> None:
     """Make ``adapter_names`` the active adapters (in that order) and the only trainable parameters."""
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
@@ -265,7 +287,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
             layer.remove_adapter(adapter_name)
         if not layer.adapters:
             replace_module(model, name, layer.base_layer)
-    remove_copies(model, adapter_name)
+    _remove_copies(model, adapter_name)
     del configs[adapter_name]
     setattr(model, CONFIGS_ATTRIBUTE, configs)
     setattr(model, ACTIVE_ATTRIBUTE, [n for n in active_adapters(model) if n != adapter_name])
@@ -302,7 +324,7 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 def _unwrap(model: nn.Module, keep_copies: bool) -> nn.Module:
-    unwrap_saved(model, keep_copies)
+    _unwrap_saved(model, keep_copies)
     for name, layer in list(adapted_layers(model)):
         replace_module(model, name, layer.base_layer)
     for attr in (CONFIGS_ATTRIBUTE, ACTIVE_ATTRIBUTE):

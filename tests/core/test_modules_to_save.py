@@ -24,33 +24,23 @@ from slimtune.adapters.saved_modules import SavedModule
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
-def tiny_llama_classifier(num_labels: int = 3, seed: int = 0) -> nn.Module:
-    """LlamaForSequenceClassification: hidden 24, 1 layer, 2 heads, vocabulary 101, pad id 0; head ``score``."""
+def small_llama(head: str, seed: int = 0, **settings: object) -> nn.Module:
+    """``Llama<head>`` ("ForSequenceClassification", "ForCausalLM"): hidden 24, 1 layer, 2 heads, vocabulary 101."""
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        vocab_size=101,
-        hidden_size=24,
-        intermediate_size=36,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_labels=num_labels,
-        pad_token_id=0,
+        vocab_size=101, hidden_size=24, intermediate_size=36, num_hidden_layers=1, num_attention_heads=2, **settings
     )
-    return transformers.LlamaForSequenceClassification(config).eval()
+    return getattr(transformers, f"Llama{head}")(config).eval()
+
+
+def tiny_llama_classifier(num_labels: int = 3, seed: int = 0) -> nn.Module:
+    """LlamaForSequenceClassification with pad id 0; head ``score``."""
+    return small_llama("ForSequenceClassification", seed, num_labels=num_labels, pad_token_id=0)
 
 
 def tied_llama(seed: int = 0) -> nn.Module:
     """LlamaForCausalLM with ``lm_head.weight is model.embed_tokens.weight``."""
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=101,
-        hidden_size=24,
-        intermediate_size=36,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        tie_word_embeddings=True,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+    return small_llama("ForCausalLM", seed, tie_word_embeddings=True)
 
 
 CLASSIFIERS = {

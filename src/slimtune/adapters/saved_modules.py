@@ -44,11 +44,9 @@ class SavedModule(nn.Module):
 
     def in_use(self) -> nn.Module:
         """The module the forward runs: the active adapter's copy, or the original."""
-        copies = self.__dict__["_modules"]["modules_to_save"]
-        name = self.__dict__.get("active_copy")
-        if name is None or self.__dict__.get("disabled") or name not in copies:
-            return self.__dict__["_modules"]["original_module"]
-        return copies[name]
+        if self.active_copy is None or self.disabled or self.active_copy not in self.modules_to_save:
+            return self.original_module
+        return self.modules_to_save[self.active_copy]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.in_use()(*args, **kwargs)
@@ -138,16 +136,6 @@ def build_copies(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
     return copies
 
 
-def tied_partners(copies: dict[str, nn.Module], names: list[str]) -> dict[str, str]:
-    """Module name → the named module it is tied to, for the copies :func:`build_copies` added beyond ``names``."""
-    owners = {id(p): name for name in names for p in copies[name].parameters()}
-    return {
-        name: owners[id(next(module.parameters()))]
-        for name, module in copies.items()
-        if name not in names and any(True for _ in module.parameters())
-    }
-
-
 def copy_tensors(copies: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """``<module name>.<tensor name>`` → tensor of every copy's state, each shared tensor once (first module wins)."""
     tensors: dict[str, torch.Tensor] = {}
@@ -158,35 +146,6 @@ def copy_tensors(copies: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
                 seen.add(id(tensor))
                 tensors[f"{name}.{key}"] = tensor.detach()
     return tensors
-
-
-def attach_copies(model: nn.Module, adapter_name: str, copies: dict[str, nn.Module]) -> None:
-    """Put each copy into its module's :class:`SavedModule` (wrapping the module first if needed) as
-    ``adapter_name``'s copy."""
-    for name, module_copy in copies.items():
-        module = model.get_submodule(name)
-        if not isinstance(module, SavedModule):
-            module.requires_grad_(False)
-            module = SavedModule(module)
-            _replace(model, name, module)
-        module.modules_to_save[adapter_name] = module_copy
-
-
-def remove_copies(model: nn.Module, adapter_name: str) -> None:
-    """Drop ``adapter_name``'s copies; a :class:`SavedModule` left with none goes back to its original."""
-    for name, module in list(saved_modules(model)):
-        if adapter_name in module.modules_to_save:
-            del module.modules_to_save[adapter_name]
-            if module.active_copy == adapter_name:
-                module.active_copy = None
-        if not module.modules_to_save:
-            _replace(model, name, module.original_module)
-
-
-def unwrap_saved(model: nn.Module, keep_copies: bool) -> None:
-    """Replace every :class:`SavedModule` by the module it runs (``keep_copies``) or by its original."""
-    for name, module in list(saved_modules(model)):
-        _replace(model, name, module.in_use() if keep_copies else module.original_module)
 
 
 def _original(module: nn.Module) -> nn.Module:
@@ -203,9 +162,3 @@ def _plain_modules(model: nn.Module, names: list[str]) -> Iterator[tuple[str, nn
             continue
         if name and name not in names and not name.startswith(skip) and not isinstance(module, SavedModule):
             yield name, module
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtune.adapters.base import OutputAdapter
 from slimtune.app.data_options import TrainingData
 from slimtune.app.labelled_data import LabelledData, bbc_topic_data, read_labelled_file
 from slimtune.app.options import collect
@@ -94,9 +95,9 @@ def complete_adapter(adapter: AdapterConfig, model: nn.Module, given: set[str]) 
     children = dict(model.named_children())
     if adapter.modules_to_save is None:
         adapter.modules_to_save = [name for name in HEAD_NAMES if name in children]
-    llama_outputs = ["o_proj", "down_proj"]
     is_bert = any(name.endswith("attention.output.dense") for name, _ in model.named_modules())
-    if is_bert and adapter.target_modules == llama_outputs and "target_modules" not in given:
+    output_adapter = issubclass(adapter.adapter_class, OutputAdapter)
+    if is_bert and output_adapter and "target_modules" not in given:
         adapter.target_modules = BERT_OUTPUT_LAYERS
 
 

@@ -241,8 +241,8 @@ def recover(
             tuned = finetune_stage(f"window + sinks only, + LM fine-tuning (LoRA r={args.lora_r})", False)
         return [], tuned.losses
     warmup = max(1, args.transfer_steps // 10)
-    transfer = attention_transfer(
-        model, train, steps=args.transfer_steps, batch_size=args.batch, lr=args.transfer_lr, warmup=warmup
+    transfer = attention_transfer(  # hook path, fresh blocks every step: as the README's recorded runs
+        model, train, steps=args.transfer_steps, batch_size=args.batch, lr=args.transfer_lr, warmup=warmup, cached=False
     )
     mse = sum(attention_mse(model, held_out[:4]))
     rows.append(

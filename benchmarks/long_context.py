@@ -69,11 +69,19 @@ def row_model(row: str, args: argparse.Namespace) -> Iterator[tuple[Any, Any]]:
 def measure(row: str, args: argparse.Namespace, blocks: torch.Tensor) -> tuple[dict, list[dict]]:
     """(summary row, passkey cells) of one row."""
     with row_model(row, args) as (model, tokenizer):
-        passkey = passkey_accuracy(model, tokenizer, args.lengths, args.depths, args.keys, window=args.window)
-        losses = position_losses(model, blocks)
-        prefill_cost(model, 64)  # warm-up
-        seconds, cache = prefill_cost(model, args.prefill_length)
-        config = None if row == "original" else linearize_config(model).to_dict()
+        return measure_model(row, model, tokenizer, args, blocks)
+
+
+def measure_model(
+    row: str, model: Any, tokenizer: Any, args: argparse.Namespace, blocks: torch.Tensor
+) -> tuple[dict, list[dict]]:
+    """(summary row, passkey cells) of ``model``: passkey over args.lengths × depths × keys (split at args.window),
+    the loss by position bucket over ``blocks``, the cache bytes and seconds of an args.prefill_length prefill."""
+    passkey = passkey_accuracy(model, tokenizer, args.lengths, args.depths, args.keys, window=args.window)
+    losses = position_losses(model, blocks)
+    prefill_cost(model, 64)  # warm-up
+    seconds, cache = prefill_cost(model, args.prefill_length)
+    config = None if row == "original" else linearize_config(model).to_dict()
     summary = {
         "row": row,
         "passkey": passkey.accuracy,

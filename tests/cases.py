@@ -84,12 +84,15 @@ TINY_DECODER = {
 }
 
 
-def tiny_llama(seed: int = 0) -> nn.Module:
-    """A 2-layer LlamaForCausalLM from a config: hidden 48, GQA 4/2 heads (k/v 48 → 24), MLP 72, vocab 101."""
+def tiny_llama(seed: int = 0, layers: int = 2) -> nn.Module:
+    """A LlamaForCausalLM (2 layers unless told) from a config: hidden 48, GQA 4/2 heads (k/v 48 → 24), MLP 72,
+    vocab 101."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(**TINY_DECODER, num_key_value_heads=2, tie_word_embeddings=False)
+    config = LlamaConfig(
+        **{**TINY_DECODER, "num_hidden_layers": layers}, num_key_value_heads=2, tie_word_embeddings=False
+    )
     return LlamaForCausalLM(config).eval()
 
 

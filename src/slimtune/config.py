@@ -75,6 +75,17 @@ def _range_words(above: float | None, at_least: float | None, below: float | Non
     return f"a finite number{bound}"
 
 
+def check_int_list(field: str, value: Any, minimum: int = 0, *, optional: bool = False) -> None:
+    """Raise ConfigError unless ``value`` is a list of distinct ints >= ``minimum`` (bools refused; None too unless
+    ``optional``)."""
+    if optional and value is None:
+        return
+    ints = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if not ints or any(v < minimum for v in value) or len(set(value)) != len(value):
+        allowed = f"a list of distinct integers >= {minimum}" + (" or None" if optional else "")
+        raise ConfigError(f"{field}={value!r} is not allowed: expected {allowed}")
+
+
 def check_bool(field: str, value: Any) -> None:
     """Raise ConfigError unless ``value`` is True or False."""
     if not isinstance(value, bool):

@@ -306,6 +306,23 @@ def test_linearize_then_evaluate(tiny, texts, tmp_path, capsys):
     assert report["loss"] == pytest.approx(stages["fine-tuned"], rel=1e-4)
 
 
+def test_linearize_with_window_dropout_on_few_cached_transfer_blocks(tiny, texts, tmp_path, capsys):
+    out = tmp_path / "dropout"
+    options = [*data_options(tiny, texts), "--transfer-steps", "3", "--finetune-steps", "3", "--output", out]
+    hybrid = ["--window", "4", "--chunk-size", "8", "--transfer-blocks", "2", "--window-dropout", "0.5"]
+    assert run_cli("linearize", *options, *hybrid) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert (record["transfer_blocks"], record["window_dropout"]) == (2, 0.5)
+    assert [entry["stage"] for entry in record["held_out_loss"]][-1] == "fine-tuned"
+    capsys.readouterr()
+    assert run_cli("linearize", *options, "--overwrite", "--window-dropout", "0.5") == 2
+    assert "--window-dropout 0.5 needs a softmax window: add --window W" in capsys.readouterr().err
+    assert run_cli("linearize", *options, "--overwrite", "--window", "4", "--window-dropout", "1") == 2
+    assert "window_dropout=1.0 is not allowed: expected a number in [0, 1)" in capsys.readouterr().err
+    assert run_cli("linearize", *options, "--overwrite", "--transfer-blocks", "0") == 2
+    assert "transfer_blocks=0 is not allowed" in capsys.readouterr().err
+
+
 def test_topic_accuracy_on_bbc_news(tiny, capsys):
     assert run_cli("eval", "--model", tiny, "--task", "topic", "--max-examples", "3") == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

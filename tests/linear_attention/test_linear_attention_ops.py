@@ -227,7 +227,10 @@ def test_invalid_arguments_name_the_field():
     q, k, v, log_decay, state = make_inputs(8, normalize=True, decay=True, init=True)
     with pytest.raises(ConfigError, match=r"unknown linear-attention option\(s\) \['chunk'\]"):
         linear_attention_recurrent(q, k, v, chunk=4)
-    allowed = "'chunk_size', 'eps', 'initial_state', 'log_decay', 'normalize', 'output_final_state'"
+    allowed = (
+        "'chunk_size', 'eps', 'initial_state', 'key_log_scale', 'log_decay', 'normalize', 'output_final_state', "
+        "'query_log_scale'"
+    )
     with pytest.raises(ConfigError, match=rf"option\(s\) \['chunks'\]; allowed: \[{allowed}\]"):
         linear_attention_chunked(q, k, v, chunks=4)
     with pytest.raises(ConfigError, match="chunk_size=0 is not allowed: expected a positive integer"):

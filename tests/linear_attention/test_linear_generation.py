@@ -88,8 +88,8 @@ def test_the_state_size_does_not_grow_with_the_context():
         sizes[length] = cache.nbytes()
         model(token_blocks(2, 1), past_key_values=cache, use_cache=True)
         assert cache.nbytes() == sizes[length] and cache.get_seq_length() == length + 1
-    # 2 layers × batch 2 × 4 heads × m 12 × (d 12 + 1 for the normaliser) × 4 bytes
-    assert sizes[3] == sizes[40] == 2 * 2 * 4 * 12 * 13 * 4
+    # 2 layers × batch 2 × 4 heads × (m 12 × (d 12 + 1 for the normaliser) + 1 shift) × 4 bytes
+    assert sizes[3] == sizes[40] == 2 * 2 * 4 * (12 * 13 + 1) * 4
     dynamic = DynamicCache(config=model.config)
     model(token_blocks(2, 40), past_key_values=dynamic, use_cache=True)
     assert cache_nbytes(dynamic) == sizes[40] and dynamic.get_seq_length() == 40
@@ -102,9 +102,9 @@ def test_the_window_state_stops_growing_at_the_window():
         cache = LinearAttentionCache()
         model(token_blocks(2, length), past_key_values=cache, use_cache=True)
         sizes.append(cache.nbytes())
-    # 2 layers × batch 2 × 4 heads × (S: m 12 × (d 12 + 1), window 6 × (k 12 + v 12 + φk 12), sinks 2 × 24) × 4
-    # bytes, plus the validity flags: 2 layers × batch 2 × (6 + 2) bytes
-    assert sizes == [2 * 2 * 4 * (12 * 13 + 6 * 36 + 2 * 24) * 4 + 2 * 2 * 8] * 3
+    # 2 layers × batch 2 × 4 heads × (S: m 12 × (d 12 + 1) + 1 shift, window 6 × (k 12 + v 12 + φk 12 + 1 log
+    # scale), sinks 2 × 24) × 4 bytes, plus the validity flags: 2 layers × batch 2 × (6 + 2) bytes
+    assert sizes == [2 * 2 * 4 * (12 * 13 + 1 + 6 * 37 + 2 * 24) * 4 + 2 * 2 * 8] * 3
 
 
 @pytest.mark.parametrize("config", [LinearizeConfig(), LinearizeConfig(window=4)], ids=["linear", "window"])

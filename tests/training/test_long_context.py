@@ -246,7 +246,7 @@ def test_prefill_cost_counts_the_kv_cache_and_the_constant_linear_state():
     assert prefill_cost(model, 15, batch=2)[1] == kv
     linear = linearize(tiny_llama(), LinearizeConfig())
     h, m, d = next((la.num_heads, la.feature_map.m, la.head_dim) for _, la in linear_attention_layers(linear))
-    state = 2 * (h * m * d + h * m) * 4  # layers x (S [H, m, d] + z [H, m]) x fp32
+    state = 2 * (h * m * d + h * m + h) * 4  # layers x (S [H, m, d] + z [H, m] + shift [H]) x fp32
     assert prefill_cost(linear, 20)[1] == state and prefill_cost(linear, 40)[1] == state
     for length, message in [(0, "length=0"), (65, "length asks for 65 tokens")]:
         with pytest.raises(st.ConfigError, match=message):

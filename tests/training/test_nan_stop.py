@@ -1,12 +1,14 @@
 """A NaN loss or gradient stops the one training loop before the step touches the weights, whatever it trains.
 
 Every case runs through both entry points that share the loop: causal-LM training of an adapter (``train_lm``)
-and attention transfer of a linearised model (``attention_transfer``). The fault is a NaN activation (so the
-loss is NaN) or a NaN gradient (so its global norm is NaN, with and without clipping) at a chosen step.
+and attention transfer of a linearised model (``attention_transfer``, on its cached and its hook-based path).
+The fault is a NaN activation (so the loss is NaN; on the cached path it reaches the loss through the cached
+teacher tensors) or a NaN gradient (so its global norm is NaN, with and without clipping) at a chosen step.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +23,6 @@ from cases import tiny_llama
 from slimtune.linear_attention import LinearizeConfig, linear_attention_parameters, linearize
 from slimtune.training import METRICS_FILE, TrainResult, attention_transfer, train_lm
 from slimtune.training.checkpoint import checkpoint_root, latest_checkpoint
-from train_script import token_blocks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,6 +31,7 @@ class Entry(NamedTuple):
     model: nn.Module
     param: nn.Parameter  # one parameter the entry point trains
     train: Callable[..., TrainResult]
+    forwards_per_step: int = 1  # model forwards a step of ``run`` makes (the cached transfer: one per new block)
 
 
 def lm_entry() -> Entry:
@@ -39,14 +41,20 @@ def lm_entry() -> Entry:
 
 def transfer_entry() -> Entry:
     model = linearize(tiny_llama(), LinearizeConfig(feature_map="hedgehog"))
-    return Entry(model, linear_attention_parameters(model)[-1], attention_transfer)
+    return Entry(model, linear_attention_parameters(model)[-1], attention_transfer, forwards_per_step=2)
 
 
-ENTRIES = {"train_lm": lm_entry, "attention_transfer": transfer_entry}
+def hook_transfer_entry() -> Entry:
+    model = linearize(tiny_llama(), LinearizeConfig(feature_map="hedgehog"))
+    return Entry(model, linear_attention_parameters(model)[-1], functools.partial(attention_transfer, cached=False))
+
+
+ENTRIES = {"train_lm": lm_entry, "attention_transfer": transfer_entry, "attention_transfer_hooks": hook_transfer_entry}
 
 
 def run(entry: Entry, **options) -> None:
-    entry.train(entry.model, token_blocks(12, seed=0), steps=6, batch_size=2, lr=1e-2, progress=False, **options)
+    blocks = torch.randint(10, 101, (12, 16), generator=torch.Generator().manual_seed(0))  # 12 distinct blocks
+    entry.train(entry.model, blocks, steps=6, batch_size=2, lr=1e-2, progress=False, **options)
 
 
 def weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -96,7 +104,7 @@ def test_a_nan_at_step_3_keeps_the_weights_of_step_3_and_names_its_checkpoint(tm
     entry = ENTRIES[name]()
     seen = weights_before_each_forward(entry.model)
     if fault == "loss":
-        nan_activation_at(entry.model, forward_call=3)
+        nan_activation_at(entry.model, forward_call=3 * entry.forwards_per_step)
     else:
         nan_gradient_at(entry.param, backward_call=3)
     max_grad_norm = 1.0 if fault == "clipped gradient" else None
@@ -107,7 +115,7 @@ def test_a_nan_at_step_3_keeps_the_weights_of_step_3_and_names_its_checkpoint(tm
     assert f"{what} at step 3 (after 3 completed steps; lr=" in message
     assert f"the last good checkpoint is {checkpoint_root(tmp_path) / 'step-000003'}" in message
     assert latest_checkpoint(checkpoint_root(tmp_path)).name == "step-000003"
-    assert all(torch.equal(p, seen[3][n]) for n, p in entry.model.named_parameters())
+    assert all(torch.equal(p, seen[3 * entry.forwards_per_step][n]) for n, p in entry.model.named_parameters())
     assert all(p.grad is None for p in entry.model.parameters())
     lines = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3]

@@ -27,10 +27,11 @@ from slimtune.app.commands import (
     cmd_compare,
     cmd_evaluate,
     cmd_finetune,
-    cmd_linearize,
 )
 from slimtune.app.data_options import DATA_HELP, TOO_LONG_HELP
 from slimtune.app.file_commands import cmd_export, cmd_import, cmd_merge, cmd_models
+from slimtune.app.layer_ranking_commands import RANK_LAYERS_HELP
+from slimtune.app.linearize_commands import cmd_linearize
 from slimtune.app.options import METHOD_CHOICES, add_config_options, option
 from slimtune.app.quantized_base import QUANTIZE_CHOICES, QUANTIZE_HELP, quiet_bitsandbytes_notice
 from slimtune.errors import SlimtuneError
@@ -156,6 +157,16 @@ def _add_compare(sub: Any) -> None:
     )
 
 
+_TRANSFER_BLOCKS_HELP = (
+    "attention transfer cycles over the first N training blocks: each goes through the original model once and its "
+    "teacher tensors are kept (about 22 MiB a 128-token block for SmolLM2), so later steps run only the new parts"
+)
+_WINDOW_DROPOUT_HELP = (
+    "scheduled sliding-window dropout (arXiv 2510.05901) in fine-tuning, needs --window: each step, each windowed "
+    "layer runs as pure linear attention with probability P, decaying linearly to 0 over the run (0: off)"
+)
+
+
 def _add_linearize(sub: Any) -> None:
     from slimtune.linear_attention import LinearizeConfig
 
@@ -164,7 +175,9 @@ def _add_linearize(sub: Any) -> None:
     for name, default, text in (
         ("transfer_steps", 20, "attention-transfer steps"),
         ("transfer_lr", 1e-2, "attention-transfer learning rate"),
+        ("transfer_blocks", 16, _TRANSFER_BLOCKS_HELP),
         ("finetune_steps", 10, "causal-LM fine-tuning steps after the transfer (0: none)"),
+        ("window_dropout", 0.0, _WINDOW_DROPOUT_HELP),
         ("finetune_lr", 1e-3, "fine-tuning learning rate"),
         ("batch_size", 2, "blocks per step"),
         ("warmup", 2, "warm-up steps of each stage"),
@@ -173,6 +186,7 @@ def _add_linearize(sub: Any) -> None:
         option(p, taken, name, type=type(default), default=default, help=text)
     adapter_help = "also train this adapter during fine-tuning (default: only the added linear-attention parameters)"
     option(p, taken, "method", default=None, choices=METHOD_CHOICES, help=adapter_help)
+    option(p, taken, "rank_layers", type=int, default=None, metavar="K", help=RANK_LAYERS_HELP)
     group = p.add_argument_group("linear attention (LinearizeConfig)")
     linear = add_config_options(group, {"linearize": LinearizeConfig}, taken, "linear")
     adapter = add_config_options(p.add_argument_group("adapter method"), METHODS, taken, "adapter")

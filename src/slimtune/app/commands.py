@@ -183,68 +183,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_linearize(args: argparse.Namespace) -> int:
-    """Replace softmax attention by linear attention (DiJiang's frequency-domain kernel by default) and recover.
-
-    Stages, each followed by the held-out loss: the original model; slimtune.linear_attention.linearize;
-    attention transfer (every layer learns to reproduce its softmax output); causal-LM fine-tuning of the added
-    parameters, and of an adapter with --method. Writes <output>/linear_attention (save_linearized; load it with
-    load_linearized or `slimtune eval --linear-attention`), <output>/adapter with --method, and <output>/run.json.
-    """
-    from slimtune.fileio import atomic_write_json
-    from slimtune.linear_attention import LinearizeConfig, linearize, save_linearized
-    from slimtune.serialization import save_adapter
-    from slimtune.training.evaluate import evaluate_lm
-    from slimtune.training.recovery import attention_transfer, finetune
-
-    apply_mixed_precision(args)
-    la_config = LinearizeConfig(**collect(args, args.linear_options))
-    adapter_values = collect(args, args.adapter_options, skip_none=True)
-    if adapter_values and args.method is None:
-        raise ConfigError(f"adapter options {sorted(adapter_values)} need --method")
-    adapter = adapter_config(args.method, adapter_values) if args.method else None
-    check_run_folder(Path(args.output), overwrite=args.overwrite)
-    refuse_chat_data(args.data, "linearize")
-    model, tokenizer = load_named_model(args.model, args.dtype)
-    train_blocks, eval_blocks, _ = training_data(args, tokenizer)
-    losses: dict[str, float] = {}
-
-    def measure(stage: str) -> None:
-        if eval_blocks is not None:
-            losses[stage] = evaluate_lm(model, eval_blocks)
-            print(f"{stage}: held-out loss {losses[stage]:.4f} (perplexity {math.exp(losses[stage]):.2f})")
-
-    measure("original")
-    torch.manual_seed(args.seed)
-    linearize(model, la_config)
-    measure("linearized")
-    stage = {"batch_size": args.batch_size, "warmup": args.warmup}
-    if args.transfer_steps:
-        attention_transfer(model, train_blocks, steps=args.transfer_steps, lr=args.transfer_lr, **stage)
-        measure("attention transfer")
-    if args.finetune_steps:
-        model, _ = finetune(
-            model, train_blocks, steps=args.finetune_steps, lr=args.finetune_lr, adapter=adapter, **stage
-        )
-        measure("fine-tuned")
-    output = Path(args.output)
-    save_linearized(model, output / "linear_attention")
-    if adapter is not None and args.finetune_steps:
-        save_adapter(model, output / "adapter")
-    record = {
-        "model": args.model,
-        "data": args.data,
-        "linearize_config": la_config.to_dict(),
-        "adapter_config": adapter.to_dict() if adapter else None,
-        "held_out_loss": [{"stage": stage, "loss": loss} for stage, loss in losses.items()],
-        "transfer_steps": args.transfer_steps,
-        "finetune_steps": args.finetune_steps,
-    }
-    atomic_write_json(output / "run.json", record)
-    print(f"saved to {output}")
-    return 0
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a model, after loading an adapter and/or linear attention: held-out perplexity on text blocks
     (on the answer tokens for chat data: --data bbc-instruct or a chat .jsonl), or zero-shot BBC News topic

@@ -148,6 +148,8 @@ def _argument_kind(kind: str) -> dict[str, Any]:
         return {"action": argparse.BooleanOptionalAction}
     if kind in ("list[str] | str", "list[str] | None"):
         return {"nargs": "+", "metavar": "NAME"}
+    if kind == "list[int] | None":
+        return {"nargs": "+", "type": _argument_kind("int")["type"], "metavar": "INT"}
     base = kind.replace(" | None", "")
 
     def parse(text: str) -> Any:

@@ -5,6 +5,8 @@
 constant-size
 :class:`LinearAttentionCache`. ``LinearizeConfig(window=w, sink_tokens=n)`` keeps exact softmax attention over the
 last w (and first n) keys and reads only older keys through the feature map (``window.py``).
+``LinearizeConfig(softmax_layers=[...])`` leaves the listed layers as softmax attention (a layer-selective hybrid);
+:func:`restore_softmax` / :func:`softmax_restored` give linearised layers their softmax attention back.
 """
 
 from slimtune.linear_attention.cache import LinearAttentionCache, LinearAttentionCacheLayer, cache_nbytes
@@ -39,6 +41,7 @@ from slimtune.linear_attention.ops import (
     linear_attention_recurrent,
     linear_attention_reference,
 )
+from slimtune.linear_attention.restore import restore_softmax, softmax_restored
 from slimtune.linear_attention.window import (
     WindowOptions,
     WindowState,
@@ -77,7 +80,9 @@ __all__ = [
     "linearize",
     "linearize_config",
     "load_linearized",
+    "restore_softmax",
     "save_linearized",
     "sliding_window_linear_attention",
     "sliding_window_linear_attention_reference",
+    "softmax_restored",
 ]

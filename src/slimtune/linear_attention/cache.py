@@ -7,12 +7,20 @@ tokens it has seen, which is what transformers 5.x reads, through ``get_seq_leng
 tokens, and through ``get_mask_sizes`` for the attention mask. The mask asked for covers only the new tokens (kv_length
 = query length, kv_offset = tokens seen): a linearised layer reads nothing from it but which new tokens are padding.
 
+Mixed caches (``LinearizeConfig.softmax_layers``): a softmax layer the conversion kept stores keys and values in an
+ordinary ``DynamicLayer`` of the same cache. transformers builds one causal mask per forward, sized by one cache
+layer: the first that ``Cache.is_linear`` does not mark (Llama, GPT-2, ...), or the first sliding one (Mistral,
+Qwen2 with a window). :class:`LinearAttentionCacheLayer` is registered as a transformers linear-attention layer, so
+in a ``DynamicCache`` that layer is a softmax one whenever there is one, and :class:`LinearAttentionCache` sizes every
+mask by its first key/value layer. The mask then covers every token seen, as the softmax layers need (a linearised
+layer reads its last T columns just as well); with no softmax layer it stays over the new tokens only.
+
 Two ways in:
 
 - ``LinearAttentionCache()``: pass it as ``past_key_values`` to ``model(...)`` or ``model.generate(...)``.
 - Nothing: when a model's forward or ``generate`` creates its default ``DynamicCache``, each linearised layer
   swaps its own still-empty slot for a :class:`LinearAttentionCacheLayer` on first use (:func:`state_layer`),
-  so ``model.generate(ids, max_new_tokens=...)`` works unchanged.
+  so ``model.generate(ids, max_new_tokens=...)`` works unchanged; kept softmax layers use its key/value layers.
 
 A recurrent state cannot be rolled back: ``crop`` (assisted decoding) raises. Beam search (``reorder_cache``) and
 batch expansion/selection work on the batch dimension of the state.
@@ -25,10 +33,10 @@ from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, LinearAttentionCacheLayerMixin
 
 from slimtune.errors import ConfigError
-from slimtune.linear_attention.ops import LinearAttentionState
+from slimtune.linear_attention.op_args import LinearAttentionState
 from slimtune.linear_attention.window import WindowState
 
 StateT = TypeVar("StateT")
@@ -78,7 +86,7 @@ class LinearAttentionCacheLayer(CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         raise RuntimeError(
             "a LinearAttentionCacheLayer holds a linear-attention state, not keys and values: a softmax attention "
-            "layer cannot use it (was the model only partly linearised?)"
+            "layer cannot use it (the cache was filled by a model with other layers linearised; use a fresh cache)"
         )
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -122,11 +130,22 @@ class LinearAttentionCacheLayer(CacheLayerMixin):
         self.state = _map_tensors(self.state, fn)
 
 
+# Cache.is_linear now marks it: transformers sizes the causal mask by a softmax layer's slot when there is one
+LinearAttentionCacheLayerMixin.register(LinearAttentionCacheLayer)
+
+
 class LinearAttentionCache(Cache):
-    """A cache of :class:`LinearAttentionCacheLayer`, one per layer, created as the layers first use it."""
+    """One slot per layer, created as the layers first use it: a :class:`LinearAttentionCacheLayer` for a linearised
+    layer (:func:`state_layer`), a ``DynamicLayer`` of keys and values for a softmax layer the conversion kept."""
 
     def __init__(self) -> None:
-        super().__init__(layer_class_to_replicate=LinearAttentionCacheLayer)
+        super().__init__(layer_class_to_replicate=DynamicLayer)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        """(kv_length, kv_offset) of the first key/value layer when there is one (the softmax layers need a mask
+        over every token seen), else of ``layer_idx``: a mask over the new tokens only."""
+        key_value = [i for i, layer in enumerate(self.layers) if not isinstance(layer, LinearAttentionCacheLayer)]
+        return super().get_mask_sizes(query_length, key_value[0] if key_value else layer_idx)
 
     def nbytes(self) -> int:
         """Bytes held by every layer's state: constant once every layer has seen a token."""

@@ -6,6 +6,11 @@ allowed):
 - ``feature_map``: a name in ``FEATURE_MAPS`` ("dijiang", "dijiang_official", "dijiang_qmc", "performer",
   "hedgehog").
 - ``m``: feature size per head; None means head_dim.
+- ``stabilizer``: how the exponential maps' per-token shift is handled (``feature_maps``): "exact" (default) undoes
+  it inside the attention, with one running maximum per sequence in the state (``ops``), so the attention uses the
+  kernel estimate φ(q)·φ(k) ≈ exp(q·k/√d) itself; "per_token" keeps it, which reweights every key by exp(−its
+  shift) (what folders saved before this field existed were trained with, and what ``load_linearized`` assumes
+  for them).
 - ``op``: the prefill/training op, a name in ``LINEAR_ATTENTION_OPS`` ("chunked", "reference", "recurrent",
   "fla"); cached decoding of one token always uses "recurrent".
 - ``chunk_size``: chunk length of the "chunked" op.
@@ -23,16 +28,21 @@ allowed):
 - ``window_mix``: with a window, the initial per-head weight g of the linear part against the softmax part
   (learned as log g; g absorbs the scale between the two forms).
 - ``seed``: seeds the random parts (feature-map frequencies, gate weights); layer i uses ``seed + i``.
+- ``softmax_layers``: indices of attention layers (0 = the first) left as the original softmax attention, the
+  others being converted (a layer-selective hybrid; ``slimtune.training.rank_softmax_layers`` ranks the candidates).
+  None (default): every layer is converted. An index must be below the model's layer count (checked by linearize).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from slimtune.config import DictConfig, check_bool, check_choice, check_int, check_number
+from slimtune.config import DictConfig, check_bool, check_choice, check_int, check_int_list, check_number
 from slimtune.errors import ConfigError
 from slimtune.linear_attention.feature_maps import FEATURE_MAPS
 from slimtune.linear_attention.ops import LINEAR_ATTENTION_OPS
+
+STABILIZERS = ("exact", "per_token")
 
 
 @dataclasses.dataclass
@@ -41,6 +51,7 @@ class LinearizeConfig(DictConfig):
 
     feature_map: str = "dijiang"
     m: int | None = None
+    stabilizer: str = "exact"
     op: str = "chunked"
     chunk_size: int = 64
     decay: bool = True
@@ -51,12 +62,14 @@ class LinearizeConfig(DictConfig):
     sink_tokens: int = 0
     window_mix: float = 0.1
     seed: int = 0
+    softmax_layers: list[int] | None = None
 
     def __post_init__(self) -> None:
         check_choice("feature_map", self.feature_map, tuple(sorted(FEATURE_MAPS)))
         check_int("m", self.m, optional=True)
         if self.feature_map == "hedgehog" and self.m is not None and self.m % 2:
             raise ConfigError(f"m={self.m!r} is not allowed with feature_map='hedgehog': expected an even int")
+        check_choice("stabilizer", self.stabilizer, STABILIZERS)
         check_choice("op", self.op, tuple(sorted(LINEAR_ATTENTION_OPS)))
         check_int("chunk_size", self.chunk_size)
         for name in ("decay", "normalize", "output_gate", "share_feature_map"):
@@ -69,3 +82,6 @@ class LinearizeConfig(DictConfig):
             raise ConfigError(f"window={self.window} is not allowed with normalize=False: the hybrid is normalised")
         check_number("window_mix", self.window_mix, above=0)
         check_int("seed", self.seed, minimum=0)
+        if isinstance(self.softmax_layers, tuple):
+            self.softmax_layers = list(self.softmax_layers)
+        check_int_list("softmax_layers", self.softmax_layers, optional=True)

@@ -33,7 +33,7 @@ from slimtune.linear_attention.layer import AttentionSpec, LinearAttention
 
 TENSORS_FILE = "linear_attention.safetensors"
 CONFIG_FILE = "linear_attention_config.json"
-_CONFIG_ATTRIBUTE = "slimtune_linearize_config"
+CONFIG_ATTRIBUTE = "slimtune_linearize_config"
 
 
 def _heads(layer: Any, tensor: torch.Tensor) -> torch.Tensor:
@@ -103,14 +103,16 @@ SUPPORTED_ATTENTION = tuple(sorted(_SPECS))
 
 
 def linearize(model: nn.Module, config: LinearizeConfig | None = None) -> nn.Module:
-    """Replace every supported softmax self-attention module of ``model`` by a :class:`LinearAttention`, in place.
+    """Replace every supported softmax self-attention module of ``model`` by a :class:`LinearAttention`, in place;
+    the layers listed in ``config.softmax_layers`` (by layer index) are left as they are.
 
     The pretrained projections are reused (shared, not copied); only the new parts of ``config`` are added.
     Nothing is frozen. Returns ``model``, which remembers ``config`` as ``model.slimtune_linearize_config``.
 
     Raises:
-        ConfigError: ``model`` is already linearised, or has no supported attention module (the message names
-            the attention classes found and the supported ones).
+        ConfigError: ``model`` is already linearised, has no supported attention module (the message names
+            the attention classes found and the supported ones), or ``config.softmax_layers`` names a layer index
+            the model does not have, or every layer.
     """
     config = LinearizeConfig() if config is None else config
     _replace(model, _build(model, config), config)
@@ -164,7 +166,10 @@ def load_linearized(model: nn.Module, directory: str | os.PathLike) -> nn.Module
     directory = Path(directory)
     record = read_record(directory / CONFIG_FILE, LINEARIZED_FORMAT, ("config",))
     try:
-        config = LinearizeConfig.from_dict(record["config"])
+        raw = record["config"]
+        if isinstance(raw, dict):
+            raw = {"stabilizer": "per_token", **raw}  # folders saved before the field existed
+        config = LinearizeConfig.from_dict(raw)
     except ConfigError as err:
         raise AdapterFileError(f"{directory / CONFIG_FILE}: {err}") from None
     if not isinstance(model, nn.Module):
@@ -183,7 +188,7 @@ def load_linearized(model: nn.Module, directory: str | os.PathLike) -> nn.Module
 
 def linearize_config(model: nn.Module) -> LinearizeConfig:
     """The config ``model`` was linearised with; ConfigError if it was not."""
-    config = getattr(model, _CONFIG_ATTRIBUTE, None)
+    config = getattr(model, CONFIG_ATTRIBUTE, None)
     if config is None:
         raise ConfigError(f"{type(model).__name__} is not linearised: call linearize(model, config) first")
     return config
@@ -193,26 +198,51 @@ def _build(model: nn.Module, config: LinearizeConfig) -> list[tuple[str, LinearA
     """One new layer per supported attention module, built without touching ``model``."""
     if not isinstance(config, LinearizeConfig):
         raise ConfigError(f"config={config!r} is not allowed: expected a LinearizeConfig")
-    if getattr(model, _CONFIG_ATTRIBUTE, None) is not None:
+    if getattr(model, CONFIG_ATTRIBUTE, None) is not None:
         raise ConfigError(f"{type(model).__name__} is already linearised; convert a fresh model instead")
-    built: list[tuple[str, LinearAttention]] = []
+    found: list[tuple[str, nn.Module, str]] = []
     seen: set[str] = set()
     for name, module in model.named_modules():
         kind = type(module).__name__
         if "Attention" in kind:
             seen.add(kind)
         if kind in _SPECS and not getattr(module, "is_cross_attention", False):
-            built.append((name, _new_layer(module, kind, config, len(built))))
-    if not built:
-        found = sorted(seen) or "none"
+            found.append((name, module, kind))
+    if not found:
+        classes = sorted(seen) or "none"
         raise ConfigError(
-            f"{type(model).__name__} has no supported softmax attention module (attention classes found: {found}); "
+            f"{type(model).__name__} has no supported softmax attention module (attention classes found: {classes}); "
             f"supported: {list(SUPPORTED_ATTENTION)}"
         )
-    return built
+    kept = _softmax_layers(model, config, len(found))
+    indexed = [(name, module, kind, _layer_index(module, i)) for i, (name, module, kind) in enumerate(found)]
+    return [(name, _new_layer(module, kind, config, i)) for name, module, kind, i in indexed if i not in kept]
 
 
-def _new_layer(module: Any, kind: str, config: LinearizeConfig, index: int) -> LinearAttention:
+def _layer_index(module: Any, position: int) -> int:
+    """The attention module's own ``layer_idx``, else its ``position`` among the model's attention modules."""
+    return module.layer_idx if isinstance(module.layer_idx, int) else position
+
+
+def _softmax_layers(model: nn.Module, config: LinearizeConfig, count: int) -> set[int]:
+    """``config.softmax_layers`` as a set, checked against the ``count`` attention layers of ``model``."""
+    kept = set(config.softmax_layers or ())
+    too_large = sorted(i for i in kept if i >= count)
+    name = type(model).__name__
+    if too_large:
+        raise ConfigError(
+            f"softmax_layers={config.softmax_layers} is not allowed for this {name}: it has {count} attention "
+            f"layers, so an index must be in [0, {count - 1}] (got {too_large})"
+        )
+    if len(kept) == count:
+        raise ConfigError(
+            f"softmax_layers={config.softmax_layers} is not allowed for this {name}: it keeps all {count} attention "
+            "layers as softmax, leaving none to linearise"
+        )
+    return kept
+
+
+def _new_layer(module: Any, kind: str, config: LinearizeConfig, layer_idx: int) -> LinearAttention:
     spec = _SPECS[kind]
     if kind in _ROPE:
         spec = dataclasses.replace(spec, rotary=sys.modules[type(module).__module__].apply_rotary_pos_emb)
@@ -225,7 +255,6 @@ def _new_layer(module: Any, kind: str, config: LinearizeConfig, index: int) -> L
         head_dim = module.head_size
     else:
         heads, kv_heads, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, module.head_dim
-    layer_idx = module.layer_idx if isinstance(module.layer_idx, int) else index
     return LinearAttention(
         module,
         spec,
@@ -242,7 +271,7 @@ def _replace(model: nn.Module, built: list[tuple[str, LinearAttention]], config:
     for name, layer in built:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer)
-    setattr(model, _CONFIG_ATTRIBUTE, config)
+    setattr(model, CONFIG_ATTRIBUTE, config)
 
 
 def _new_tensors(layers: Iterable[tuple[str, LinearAttention]]) -> dict[str, torch.Tensor]:

@@ -6,14 +6,18 @@ plus its own keyword options; m defaults to head_dim for all of them.
 
 Arithmetic runs in float32 at least (float64 for float64 inputs); the output has the input's dtype.
 
-Stabiliser of the exponential maps (``dijiang``, ``performer``): the exponent y is shifted by its per-token
-maximum over features, detached, before exp, so every exp is ≤ 1 and nothing overflows at any input size;
-φ(x) = c(x)·φ_exact(x) with c(x) = exp(−max_j y_j(x)). What the per-token factor c does to attention:
-- for a query it multiplies the numerator and the normaliser alike, so it cancels when the attention is
-  normalised (up to eps); without normalisation it scales o_t by c(q_t);
-- for a key it does not cancel, normalised or not: key s is reweighted by c(k_s), the same kind of per-key
-  rescaling that the per-token softmax of the official DiJiang code and of Hedgehog applies. Fine-tuning can
-  absorb it, but φ(q)·φ(k) is then not the unstabilised kernel estimate.
+Stabiliser of the exponential maps (``dijiang``, ``dijiang_qmc``, ``performer``): the exponent y is shifted by its
+per-token maximum over features, detached, before exp, so every exp is ≤ 1 and nothing overflows at any input size;
+φ(x) = c(x)·φ_exact(x) with c(x) = exp(−max_j y_j(x)). :meth:`FeatureMap.features` returns that shifted φ together
+with the shift log(1/c) [B, H, T], so the attention can undo it:
+- exact (``LinearizeConfig.stabilizer="exact"``, the default): the shifts go to the op as the keys' and queries' log
+  scales, where one running maximum per sequence keeps the state bounded (``ops``); φ(q)·φ(k) is then the kernel
+  estimate itself at any length;
+- per token (``"per_token"``, ``forward``'s output used as it is): for a query c cancels when the attention is
+  normalised (up to eps); for a key it does not: key s is reweighted by c(k_s), the same kind of per-key rescaling
+  that the per-token softmax of the official DiJiang code and of Hedgehog applies. Fine-tuning can absorb it, but
+  φ(q)·φ(k) is then not the unstabilised kernel estimate.
+The softmax-over-features maps (``dijiang_official``, ``hedgehog``) are bounded by construction and have no shift.
 """
 
 from __future__ import annotations
@@ -77,11 +81,35 @@ class FeatureMap(nn.Module):
             )
         return x.to(torch.promote_types(x.dtype, torch.float32))
 
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(φ(x) [B, H, T, m] as ``forward`` returns it, its log shift [B, H, T] or None): the map's exact value is
+        φ(x)·exp(shift). Maps without a stabiliser return None."""
+        return self(x), None
+
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, num_heads={self.num_heads}, m={self.m}"
 
 
-class DiJiangFeatureMap(FeatureMap):
+class ExponentialFeatureMap(FeatureMap):
+    """Base of the maps φ(x) = w ⊙ exp(y(x)): subclasses give the exponent y [B, H, T, m] (float32 at least) and the
+    weights w (broadcast to [H, 1, m]); the per-token shift is taken out here (module docstring)."""
+
+    def exponent(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def feature_weights(self, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.exponent(x)  # [B, H, T, m]
+        shift = y.amax(dim=-1).detach()  # [B, H, T]
+        return (self.feature_weights(y.dtype) * (y - shift[..., None]).exp()).to(x.dtype), shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)[0]
+
+
+class DiJiangFeatureMap(ExponentialFeatureMap):
     """The paper's weighted-DCT map: φ(x) = D_h ⊙ exp(y − max_j y_j), y = diag(t_h) C_m x (stabiliser detached).
 
     - C_m [m, d]: rows of the orthonormal DCT-II matrix taken cyclically, row i = C[i mod d] (m ≤ d: the first m
@@ -90,7 +118,7 @@ class DiJiangFeatureMap(FeatureMap):
       Halton sequence in H dimensions, one dimension per head. Buffer ``freqs`` [H, m].
     - D_h [m] per head: learnable ``weight`` [H, m], initialised to √(1/m), the square root of the equal QMC
       weights 1/m, so that φ(q)·φ(k) = (1/m) Σ_i exp(y_i(q)) exp(y_i(k)) at init (up to the stabiliser).
-    Stabiliser: see the module docstring (cancels for queries under normalisation, reweights keys).
+    Stabiliser: the module docstring (undone exactly by the attention, or per token).
     The DCT is applied as a [m, d] matmul (faster than an FFT at head sizes). x [B, H, T, d] → [B, H, T, m].
     """
 
@@ -106,15 +134,17 @@ class DiJiangFeatureMap(FeatureMap):
         self.register_buffer("freqs", qmc_normal(self.m, num_heads, qmc, seed).to(torch.get_default_dtype()))
         self.weight = nn.Parameter(torch.full((num_heads, self.m), 1.0 / math.sqrt(self.m)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def exponent(self, x: torch.Tensor) -> torch.Tensor:
+        """y = diag(t_h) C_m x: x [B, H, T, d] → [B, H, T, m], float32 at least."""
         xf = self._input(x)
         proj = self.freqs.to(xf.dtype)[:, :, None] * self.dct_rows.to(xf.dtype)  # [H, m, d], diag(t_h) C_m
-        y = torch.einsum("bhtd,hmd->bhtm", xf, proj)  # [B, H, T, m]
-        y = y - y.amax(dim=-1, keepdim=True).detach()
-        return (self.weight.to(xf.dtype)[:, None, :] * y.exp()).to(x.dtype)
+        return torch.einsum("bhtd,hmd->bhtm", xf, proj)
+
+    def feature_weights(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight.to(dtype)[:, None, :]  # [H, 1, m]
 
 
-class DiJiangQmcFeatureMap(FeatureMap):
+class DiJiangQmcFeatureMap(ExponentialFeatureMap):
     """A consistent DiJiang estimator: φ(x) = D_h ⊙ exp(W_h C x − |x|²/2 − c), so that φ(q)·φ(k) → exp(q·k).
 
     The paper's map (``dijiang``) scales one fixed DCT row per feature by a scalar frequency, which does not
@@ -146,10 +176,8 @@ class DiJiangQmcFeatureMap(FeatureMap):
         xf = self._input(x)
         return torch.einsum("bhtd,hmd->bhtm", xf, self.proj.to(xf.dtype)) - 0.5 * xf.square().sum(-1, keepdim=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.exponent(x)
-        y = y - y.amax(dim=-1, keepdim=True).detach()  # [B, H, T, m]
-        return (self.weight.to(y.dtype)[:, None, :] * y.exp()).to(x.dtype)
+    def feature_weights(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight.to(dtype)[:, None, :]  # [H, 1, m]
 
 
 class DiJiangOfficialFeatureMap(FeatureMap):
@@ -189,7 +217,7 @@ def orthogonal_gaussian(m: int, d: int, generator: torch.Generator) -> torch.Ten
     return torch.randn(m, d, generator=generator, dtype=torch.float64).norm(dim=-1, keepdim=True) * rows
 
 
-class PerformerFeatureMap(FeatureMap):
+class PerformerFeatureMap(ExponentialFeatureMap):
     """FAVOR+ positive orthogonal random features: φ(x) = exp(W_h x − |x|²/2 − c)/√m.
 
     c = max_j (W_h x − |x|²/2)_j, per token and detached. Without c, E[φ(q)·φ(k)] = exp(q·k); with it (module
@@ -206,11 +234,13 @@ class PerformerFeatureMap(FeatureMap):
         proj = torch.stack([orthogonal_gaussian(self.m, head_dim, gen) for _ in range(num_heads)])  # [H, m, d]
         self.register_buffer("proj", proj.to(torch.get_default_dtype()))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def exponent(self, x: torch.Tensor) -> torch.Tensor:
+        """y = W_h x − |x|²/2: x [B, H, T, d] → [B, H, T, m], float32 at least."""
         xf = self._input(x)
-        y = torch.einsum("bhtd,hmd->bhtm", xf, self.proj.to(xf.dtype)) - 0.5 * xf.square().sum(-1, keepdim=True)
-        y = y - y.amax(dim=-1, keepdim=True).detach()  # [B, H, T, m]
-        return (y.exp() / math.sqrt(self.m)).to(x.dtype)
+        return torch.einsum("bhtd,hmd->bhtm", xf, self.proj.to(xf.dtype)) - 0.5 * xf.square().sum(-1, keepdim=True)
+
+    def feature_weights(self, dtype: torch.dtype) -> torch.Tensor:
+        return torch.full((1, 1, 1), 1 / math.sqrt(self.m), dtype=dtype, device=self.proj.device)
 
 
 class HedgehogFeatureMap(FeatureMap):

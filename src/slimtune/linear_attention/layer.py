@@ -15,22 +15,23 @@ Per token, for query head h (GQA: key/value heads are repeated to the H query he
 - s = d^(−1/4) on both q and k makes φ(q)·φ(k) estimate exp(q·k/√d), the softmax kernel, for the exp-kernel
   maps ("dijiang", "dijiang_qmc", "performer"). The softmax-over-features maps ("dijiang_official", "hedgehog")
   get the raw q, k, as in their reference code.
-- Stabiliser of the exp maps: each token's features are divided by exp(max_j y_j), detached (``feature_maps``).
-  For queries this cancels in the normaliser (``normalize=True``, the default). For keys it reweights key s by
-  c(k_s) = exp(−max_j y_j(k_s)). We keep that reweighting rather than undo it: undoing needs a shift that is one
-  constant for all tokens, and any constant either depends on the whole sequence (breaking causality and the
-  equality of cached decoding with a full forward) or is fixed and overflows on long contexts in half precision;
-  clamping the exponent instead biases exactly the large logits softmax attends to. A per-token normalisation of
-  keys is also what the official DiJiang code and Hedgehog do (a softmax over features); attention transfer
-  (``transfer.py``) trains the map's weights with the reweighting in place. Measured on SmolLM2-135M (untrained
-  "dijiang" map, 2 BBC News blocks of 128 tokens), the summed per-layer MSE to the softmax outputs is 102 with
-  the per-token shift, 118 with no shift at all (exact exp; largest exponent 9.5 in fp32) and 133 with FAVOR+'s
-  −|x|²/2 instead: the reweighting does not cost accuracy here.
+- Stabiliser of the exp maps (``config.stabilizer``): each token's features come out of the map divided by
+  exp(max_j y_j), detached, with that shift beside them (``FeatureMap.features``).
+  - "exact" (default): the shifts go to the op as log scales of the keys and queries, and the op keeps one running
+    maximum per sequence and head in its state (``ops``), so the attention computes with φ(q)·φ(k) itself, the
+    kernel estimate, at any length, and cached decoding still equals a full forward. With a window the linear part
+    is then in the softmax part's units and ``window_mix`` = 1 weighs them as one softmax would.
+  - "per_token": the shifts are dropped. For queries that cancels in the normaliser; for keys it reweights key s by
+    c(k_s) = exp(−max_j y_j(k_s)), a per-key rescaling like the per-token softmax of the official DiJiang code and
+    of Hedgehog; attention transfer trains the map's weights with the reweighting in place.
 - γ = exp(−exp(θ_h)) per query head, θ learnable (``decay_log_rate``), so 0 < γ < 1 always; initialised as the
   official DiJiang code, 1 − γ geometric from 1/32 to 1/512 across heads.
 - Window (``config.window`` = w > 0, LoLCATs' hybrid, ``window.py``): the last w keys (and the first
   ``sink_tokens``) are read with softmax weights exp(q·k·scale − max), scale = the original's ``scaling`` (else
   d^(−1/2)), older keys through the map above, weighted by g_h = exp(``window_mix_log``[h]); one normaliser.
+- Window dropout (arXiv 2510.05901): while ``drop_window`` is True and the layer is in training mode (no cache),
+  a windowed layer runs as pure linear attention over every key, so training must make the linear branch carry the
+  context; recovery training sets it per step at random (``slimtune.training.recovery``).
 - Padding: keys at positions the attention mask hides are zeroed (φk = 0), so left-padded batches decode right.
 
 Prefill and training run ``config.op`` (chunked by default); with a cache, a one-token step runs the recurrent op
@@ -53,6 +54,7 @@ from slimtune.errors import ConfigError, ShapeError
 from slimtune.linear_attention.cache import state_layer
 from slimtune.linear_attention.config import LinearizeConfig
 from slimtune.linear_attention.feature_maps import FEATURE_MAPS, FeatureMap, build_feature_map
+from slimtune.linear_attention.op_args import LinearAttentionOptions
 from slimtune.linear_attention.ops import get_linear_attention_op, linear_attention_recurrent
 from slimtune.linear_attention.window import sliding_window_linear_attention
 
@@ -122,6 +124,7 @@ class LinearAttention(nn.Module):
             theta = initial_decay_log_rate(num_heads).to(device=reference.device, dtype=reference.dtype)
             self.decay_log_rate = nn.Parameter(theta)
         self.window_mix_log = None
+        self.drop_window = False
         if config.window:
             self.window_mix_log = nn.Parameter(torch.full((num_heads,), math.log(config.window_mix)))
         scaling = getattr(original, "scaling", None)
@@ -194,29 +197,30 @@ class LinearAttention(nn.Module):
         """
         rep = self.num_heads // self.num_kv_heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, T, d]
-        fq = self.feature_map(q * self.qk_scale)  # [B, H, T, m]
         key_map = self.feature_map if self.feature_map_k is None else self.feature_map_k
-        fk = key_map(k * self.qk_scale)  # [B, H, T, m]
+        fq, lq = self.feature_map.features(q * self.qk_scale)  # [B, H, T, m], [B, H, T] | None
+        fk, lk = key_map.features(k * self.qk_scale)
+        if self.config.stabilizer == "per_token":
+            lq = lk = None
         if valid is not None:
             fk = fk * valid[:, None, :, None].to(fk.dtype)
+            lk = None if lk is None else lk.masked_fill(~valid[:, None, :], float("-inf"))
         c = self.config
-        if c.window:
-            return self._attend_window(q, k, v, fq, fk, valid, cache)
-        log_decay = self.log_decay()
+        if c.window and not (self.drop_window and self.training and cache is None):
+            return self._attend_window(q, k, v, (fq, fk, lq, lk), valid, cache)
+        options: LinearAttentionOptions = {
+            "log_decay": self.log_decay(),
+            "normalize": c.normalize,
+            "chunk_size": c.chunk_size,
+            "key_log_scale": lk,
+            "query_log_scale": lq,
+        }
         if cache is None:
-            return self.op(fq, fk, v, log_decay=log_decay, normalize=c.normalize, chunk_size=c.chunk_size)[0]
+            return self.op(fq, fk, v, **options)[0]
         layer = state_layer(cache, self.layer_idx)
+        options["initial_state"], options["output_final_state"] = layer.linear_state(), True
         op = linear_attention_recurrent if q.shape[2] == 1 else self.op
-        o, state = op(
-            fq,
-            fk,
-            v,
-            log_decay=log_decay,
-            normalize=c.normalize,
-            chunk_size=c.chunk_size,
-            initial_state=layer.linear_state(),
-            output_final_state=True,
-        )
+        o, state = op(fq, fk, v, **options)
         layer.advance(state, q.shape[2])
         return o
 
@@ -225,12 +229,13 @@ class LinearAttention(nn.Module):
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        fq: torch.Tensor,
-        fk: torch.Tensor,
+        mapped: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
         valid: torch.Tensor | None,
         cache: Cache | None,
     ) -> torch.Tensor:
-        """The hybrid of ``window.py`` on q, k [B, H, T, d] (RoPE applied), v [B, H, T, d], fq, fk [B, H, T, m]."""
+        """The hybrid of ``window.py`` on q, k [B, H, T, d] (RoPE applied), v [B, H, T, d] and ``mapped``: fq, fk
+        [B, H, T, m] and their log shifts lq, lk [B, H, T] (None per token)."""
+        fq, fk, lq, lk = mapped
         c = self.config
         layer = None if cache is None else state_layer(cache, self.layer_idx)
         o, state = sliding_window_linear_attention(
@@ -248,6 +253,8 @@ class LinearAttention(nn.Module):
             initial_state=None if layer is None else layer.window_state(),
             linear_op=linear_attention_recurrent if layer is not None and q.shape[2] == 1 else self.op,
             chunk_size=c.chunk_size,
+            key_log_scale=lk,
+            query_log_scale=lq,
         )
         if layer is not None:
             layer.advance(state, q.shape[2])

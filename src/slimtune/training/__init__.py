@@ -1,7 +1,8 @@
 """Training: the one loop on ``accelerate`` (causal-LM fine-tuning, chat fine-tuning with the loss on answers only,
 sequence classification and linear-attention recovery are loss functions run on it), its checkpoints, data order,
-metrics log and evaluation, text packed into token blocks, chat / instruction examples packed without leaking
-across examples, and labelled texts encoded as classification examples.
+metrics log and evaluation (with the ranking of linearised layers for a layer-selective hybrid), text packed into
+token blocks, chat / instruction examples packed without leaking across examples, and labelled texts encoded as
+classification examples.
 
 Imports the core (:mod:`slimtune`) and never the application layer (:mod:`slimtune.app`).
 """
@@ -26,6 +27,7 @@ from slimtune.training.classification import (
 from slimtune.training.config import LoopOptions, TrainConfig, TrainLMOptions, TrainResult
 from slimtune.training.data import Example, load_texts, pack_examples, pack_for_lm, read_text_file
 from slimtune.training.evaluate import evaluate_lm, evaluate_loss
+from slimtune.training.layer_ranking import LayerRank, rank_softmax_layers, top_softmax_layers
 from slimtune.training.long_context import (
     PasskeyCell,
     PasskeyPrompt,
@@ -44,6 +46,7 @@ __all__ = [
     "METRICS_FILE",
     "ClassificationMetrics",
     "Example",
+    "LayerRank",
     "LoopOptions",
     "LossFn",
     "PasskeyCell",
@@ -79,8 +82,10 @@ __all__ = [
     "position_losses",
     "predict",
     "prefill_cost",
+    "rank_softmax_layers",
     "read_chat_jsonl",
     "read_text_file",
+    "top_softmax_layers",
     "train",
     "train_lm",
     "write_chat_jsonl",

@@ -98,6 +98,7 @@ def train(
     *,
     loss_fn: LossFn = causal_lm_loss,
     train_mode: bool = True,
+    before_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``blocks`` [n, seq_len] token ids, minimising ``loss_fn(model, batch [B, seq_len])``.
 
@@ -107,6 +108,8 @@ def train(
     ``eval_blocks`` [m, seq_len]: held-out blocks, the mean ``loss_fn`` over them is evaluated every
     ``config.eval_every`` steps and after the last. ``on_step(record)`` is called on every process after each step
     with the step's metrics (the line written to ``metrics.jsonl``), after that step's evaluation and checkpoint.
+    ``before_step(step)`` is called before each step (0-based; a resumed run starts at the restored step): a
+    schedule that changes the model per step draws from (seed, step) there, so a resumed run repeats it.
     ``train_mode=False`` trains the model in eval mode (no dropout). The model is left in the mode it trained in.
 
     Raises:
@@ -124,6 +127,8 @@ def train(
     run.model.train(train_mode)
     with _outputs(run, result.start_step) as (log, bar):
         for step in range(result.start_step, config.steps):
+            if before_step is not None:
+                before_step(step)
             record = _step(run, blocks, step, result.checkpoint)
             _after_step(run, record, result, eval_blocks, log, bar)
             if on_step is not None:
@@ -144,14 +149,16 @@ def train_lm(
     lr: float,
     loss_fn: LossFn = causal_lm_loss,
     train_mode: bool = True,
+    before_step: Callable[[int], None] | None = None,
     **options: Unpack[TrainLMOptions],
 ) -> TrainResult:
     """Train ``model`` (an HF causal LM) on ``blocks`` [n, seq_len] for ``steps`` AdamW steps, cycling the blocks.
 
     :func:`train` without shuffling or evaluation, minimising ``loss_fn`` (the causal-LM loss by default) in train
-    mode unless ``train_mode=False``. ``options`` (:class:`TrainLMOptions`) set the other :class:`TrainConfig`
-    fields: ``warmup`` (0), ``weight_decay`` (0.0), ``progress`` (True), ``desc`` ("training"), accumulation,
-    clipping, checkpoints and resume (by default none, and no file is written).
+    mode unless ``train_mode=False``, calling ``before_step(step)`` before each step (see :func:`train`).
+    ``options`` (:class:`TrainLMOptions`) set the other :class:`TrainConfig` fields: ``warmup`` (0),
+    ``weight_decay`` (0.0), ``progress`` (True), ``desc`` ("training"), accumulation, clipping, checkpoints and
+    resume (by default none, and no file is written).
 
     Raises:
         ConfigError: steps, batch_size or lr not positive, no trainable parameter, or bad ``blocks``.
@@ -159,7 +166,7 @@ def train_lm(
             learning rate).
     """
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, shuffle=False, **options)
-    return train(model, blocks, config, loss_fn=loss_fn, train_mode=train_mode)
+    return train(model, blocks, config, loss_fn=loss_fn, train_mode=train_mode, before_step=before_step)
 
 
 def _set_up(

@@ -26,13 +26,17 @@ LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
 def causal_lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy [] of an HF causal LM over ``batch`` [B, T] token ids."""
+    """Mean next-token cross-entropy [] of an HF causal LM over ``batch`` [B, T] token ids.
+
+    ``use_cache=False``: a training forward needs no cache (HF would build and fill one), and a linearised layer
+    drops its softmax window (``drop_window``, window dropout) only when it gets none.
+    """
     if batch.dim() != 2:
         raise ConfigError(
             f"causal_lm_loss got a batch of shape {tuple(batch.shape)}: expected token ids [B, T]; packed "
             "examples [B, T, 3] (chat / instruction data) are trained with loss_fn=masked_lm_loss"
         )
-    return model(input_ids=batch, labels=batch).loss
+    return model(input_ids=batch, labels=batch, use_cache=False).loss
 
 
 def masked_lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,19 @@
 """Recovery training of a linearised model, in two stages (LoLCATs' recipe), both on the one training loop.
 
 1. :func:`attention_transfer`: every :class:`LinearAttention` learns to reproduce the softmax attention it
-   replaced. In one forward pass each layer computes its linear output and the original softmax output on the
-   same hidden states (the kept original module, run without gradients), records their MSE and passes the softmax
-   output on, so every layer sees the hidden states of the original model (:func:`_teacher_forcing`). The loss
-   of a batch is the sum of the recorded MSEs; the loop (:func:`slimtune.training.train_lm`) minimises it over the
-   parameters the conversion added (feature maps, decays, gates), in eval mode (no dropout: exact targets).
+   replaced, on the hidden states of the original model. The loss of a batch is the sum over layers of the MSE
+   between the layer's output and the original module's output [B, T, D]; the loop
+   (:func:`slimtune.training.train_lm`) minimises it over the parameters the conversion added (feature maps,
+   decays, gates), in eval mode (no dropout: exact targets). Two paths compute it:
+   - cached (default, :mod:`slimtune.training.transfer`): each block's teacher tensors (q, k, v after RoPE and the
+     softmax output of every layer) are computed once, without gradients; a step runs only the added parts on them.
+   - hook-based (``cached=False``, :func:`_teacher_forcing`): in one forward pass of the whole model each layer
+     computes its linear output and the original softmax output on the same hidden states (the kept original
+     module, run without gradients), records their MSE and passes the softmax output on. It is also what
+     :func:`attention_mse` evaluates with, and what runs under DDP / FSDP.
 2. :func:`finetune`: causal-LM training of the added parameters and, optionally, of a slimtune adapter
-   (``slimtune.get_adapted_model``), with :func:`slimtune.training.train_lm`.
+   (``slimtune.get_adapted_model``), with :func:`slimtune.training.train_lm`; ``window_dropout`` turns on scheduled
+   sliding-window dropout (:mod:`slimtune.training.window_dropout`) for hybrid layers.
 
 Both take the loop's options as keywords (:class:`slimtune.training.config.LoopOptions`: gradient accumulation,
 clipping, checkpoints, resume), so they stop on a NaN loss or gradient, and with ``output_dir`` write
@@ -33,6 +39,9 @@ from slimtune.linear_attention.layer import LinearAttention
 from slimtune.training.config import LoopOptions, TrainLMOptions, TrainResult
 from slimtune.training.evaluate import model_device
 from slimtune.training.loop import train_lm
+from slimtune.training.losses import LossFn
+from slimtune.training.transfer import TeacherCache, cached_transfer_loss, check_cache_size
+from slimtune.training.window_dropout import window_dropout as window_dropout_schedule
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -48,30 +57,37 @@ def attention_transfer(
     batch_size: int,
     lr: float,
     warmup: int = 0,
+    cached: bool = True,
+    max_cache_gib: float = 8.0,
     progress: bool = True,
     **loop: Unpack[LoopOptions],
 ) -> TrainResult:
     """Train the added parameters of ``model`` so each layer's linear attention output matches its softmax one.
 
     ``blocks`` [n, seq_len] token ids, cycled in order; the loss of a step is the sum over layers of the mean
-    squared error between the two outputs [B, T, D]. AdamW, cosine schedule after ``warmup`` steps; ``loop``: the
-    loop's options (:class:`LoopOptions`). ``TrainResult.losses`` holds that summed MSE per step.
+    squared error between the layer's output and the original attention's output [B, T, D] (both after the
+    output projection), on the original model's hidden states. AdamW, cosine schedule after ``warmup`` steps;
+    ``loop``: the loop's options (:class:`LoopOptions`). ``TrainResult.losses`` holds that summed MSE per step.
+
+    ``cached`` (default): the teacher tensors of each block are computed the first time a step uses it and kept
+    (:mod:`slimtune.training.transfer`), so every later step on it runs only the added parts: pass a few blocks and
+    many steps (the steps cycle over them). It holds L × (H·d + 2·Hkv·d + D) numbers per token of every block used
+    (180 KiB a token for SmolLM2-135M in float32): refused above ``max_cache_gib``, and on more than one process.
+    ``cached=False``: the hook-based path, a whole-model forward per step, no memory kept.
 
     Raises:
-        ConfigError: steps, batch_size or lr not positive, no linearised layer, no added parameter to train, or a
-            checkpoint that does not fit.
+        ConfigError: steps, batch_size or lr not positive, no linearised layer, no added parameter to train, a
+            checkpoint that does not fit, or (cached) a cache over ``max_cache_gib`` or more than one process.
         FloatingPointError: the loss or a gradient became NaN or inf (naming the step, the learning rate and the
             last good checkpoint).
     """
     options: TrainLMOptions = {**loop, "warmup": warmup, "progress": progress, "desc": "attention transfer"}
     params = _added_parameters(model)
-    with _only_trainable(model, params), _teacher_forcing(model) as layer_losses:
-
-        def summed_mse(forward_model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-            return torch.stack(layer_losses(forward_model, batch)).sum()
-
+    if cached:
+        check_cache_size(model, blocks, steps * batch_size * loop.get("grad_accum", 1), max_cache_gib)
+    with _only_trainable(model, params), _transfer_loss(model, cached) as loss_fn:
         return train_lm(
-            model, blocks, steps=steps, batch_size=batch_size, lr=lr, loss_fn=summed_mse, train_mode=False, **options
+            model, blocks, steps=steps, batch_size=batch_size, lr=lr, loss_fn=loss_fn, train_mode=False, **options
         )
 
 
@@ -81,8 +97,7 @@ def attention_mse(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -
 
     Averaged over ``blocks`` [n, seq_len] (each block weighs the same); one float per layer, in layer order.
     """
-    if not list(linear_attention_layers(model)):
-        raise ConfigError(f"{type(model).__name__} has no LinearAttention layer: call linearize(model, config) first")
+    _check_linearised(model)
     totals: list[float] = []
     with _teacher_forcing(model) as layer_losses:
         for i in range(0, len(blocks), batch_size):
@@ -103,6 +118,8 @@ def finetune(
     train_linear_attention: bool = True,
     warmup: int = 0,
     weight_decay: float = 0.0,
+    window_dropout: float = 0.0,
+    seed: int = 0,
     progress: bool = True,
     **loop: Unpack[LoopOptions],
 ) -> tuple[nn.Module, TrainResult]:
@@ -113,8 +130,13 @@ def finetune(
     loop's options (:class:`LoopOptions`). Returns the model (the same object) and
     :func:`slimtune.training.train_lm`'s result.
 
+    ``window_dropout`` = p0 > 0: scheduled sliding-window dropout (:mod:`slimtune.training.window_dropout`): at step
+    s of ``steps`` each windowed layer runs as pure linear attention with probability p0·(1 − s/steps), drawn from
+    (``seed``, s), so a resumed run drops the same windows; every ``drop_window`` is False again afterwards.
+
     Raises:
-        ConfigError: nothing to train, or a setting ``train_lm`` refuses.
+        ConfigError: nothing to train, a setting ``train_lm`` refuses, ``window_dropout`` outside [0, 1), or
+            ``window_dropout`` > 0 on a model without a windowed layer.
     """
     options: TrainLMOptions = {
         **loop,
@@ -123,14 +145,16 @@ def finetune(
         "progress": progress,
         "desc": "LM fine-tuning",
     }
-    if adapter is not None:
-        model = get_adapted_model(model, adapter)
-    else:
-        model.requires_grad_(False)
-    if train_linear_attention:
-        for param in _added_parameters(model):
-            param.requires_grad_(True)
-    return model, train_lm(model, blocks, steps=steps, batch_size=batch_size, lr=lr, **options)
+    with window_dropout_schedule(model, window_dropout, steps, seed) as before_step:  # checked before any change
+        if adapter is not None:
+            model = get_adapted_model(model, adapter)
+        else:
+            model.requires_grad_(False)
+        if train_linear_attention:
+            for param in _added_parameters(model):
+                param.requires_grad_(True)
+        result = train_lm(model, blocks, steps=steps, batch_size=batch_size, lr=lr, before_step=before_step, **options)
+    return model, result
 
 
 def _added_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -157,6 +181,33 @@ def _only_trainable(model: nn.Module, params: list[nn.Parameter]) -> Iterator[No
             param.requires_grad_(flag)
 
 
+def _check_linearised(model: nn.Module) -> None:
+    if not list(linear_attention_layers(model)):
+        raise ConfigError(f"{type(model).__name__} has no LinearAttention layer: call linearize(model, config) first")
+
+
+@contextlib.contextmanager
+def _transfer_loss(model: nn.Module, cached: bool) -> Iterator[LossFn]:
+    """The attention-transfer loss of ``model`` on the cached or the hook-based path; the model is in eval mode
+    inside (its mode is restored on exit)."""
+    if cached:
+        with _eval_mode(model):
+            yield cached_transfer_loss(TeacherCache(model))
+    else:
+        with _teacher_forcing(model) as layer_losses:
+            yield lambda forward_model, batch: torch.stack(layer_losses(forward_model, batch)).sum()
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @contextlib.contextmanager
 def _teacher_forcing(model: nn.Module) -> Iterator[LayerLosses]:
     """Hook every LinearAttention of ``model`` to pass the softmax output [B, T, D] on; yields ``layer_losses``.
@@ -179,12 +230,10 @@ def _teacher_forcing(model: nn.Module) -> Iterator[LayerLosses]:
         forward_model(input_ids=batch, use_cache=False, logits_to_keep=1)
         return list(recorded)
 
-    was_training = model.training
-    model.eval()
     handles = [layer.register_forward_hook(hook, with_kwargs=True) for _, layer in linear_attention_layers(model)]
     try:
-        yield layer_losses
+        with _eval_mode(model):
+            yield layer_losses
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)

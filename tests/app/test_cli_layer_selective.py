@@ -1,0 +1,93 @@
+"""``slimtune linearize --softmax-layers`` / ``--rank-layers`` on the tiny 2-layer Llama folder, then ``slimtune eval
+--linear-attention`` on the result; bad values end in one line on stderr, not a traceback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import slimtune.app.cli as cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+STEPS = ["--transfer-steps", "1", "--finetune-steps", "1", "--seq-len", "32", "--eval-blocks", "4"]
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("held-out") / "eval.txt"
+    path.write_text("\n\n".join(f"a bird {i} flew over the hill {i + 2} and the fox hid" for i in range(20)))
+    return path
+
+
+def linearize(tiny: Path, text_file: Path, held_out: Path, out: Path, *options: str) -> dict:
+    """Run ``slimtune linearize`` with the options; its run.json."""
+    argv = ["linearize", "--model", tiny, "--data", text_file, "--eval-data", held_out, *STEPS, "--output", out]
+    assert cli.main([str(a) for a in [*argv, *options]]) == 0
+    return json.loads((out / "run.json").read_text())
+
+
+def eval_loss(tiny: Path, folder: Path, held_out: Path, capsys: pytest.CaptureFixture[str]) -> float:
+    capsys.readouterr()
+    argv = ["eval", "--model", tiny, "--linear-attention", folder, "--data", held_out, "--seq-len", "32"]
+    assert cli.main([str(a) for a in [*argv, "--max-blocks", "4"]]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"]
+
+
+def test_rank_layers_keeps_the_best_layer_softmax_and_eval_loads_it(tiny, text_file, held_out, tmp_path, capsys):
+    out = tmp_path / "ranked"
+    record = linearize(tiny, text_file, held_out, out, "--rank-layers", "1", "--window", "4", "--sink-tokens", "1")
+    printed = capsys.readouterr().out
+    assert "ranking 2 linearised layers on 4 held-out blocks (3 evaluations)" in printed
+    assert "| layer | loss with its softmax restored | drop vs all-linear | kept as softmax |" in printed
+    ranking = record["layer_ranking"]
+    assert sorted(r["layer"] for r in ranking) == [0, 1] and ranking[0]["drop"] >= ranking[1]["drop"]
+    assert [r["kept"] for r in ranking] == [True, False]
+    assert record["linearize_config"]["softmax_layers"] == [ranking[0]["layer"]]
+    stages = {entry["stage"]: entry["loss"] for entry in record["held_out_loss"]}
+    assert stages["linearized"] == pytest.approx(ranking[0]["loss"], rel=1e-5)
+    assert eval_loss(tiny, out / "linear_attention", held_out, capsys) == pytest.approx(stages["fine-tuned"], rel=1e-4)
+
+
+def test_softmax_layers_option_and_a_ranking_of_the_rest(tiny, text_file, held_out, tmp_path, capsys):
+    out = tmp_path / "fixed"
+    record = linearize(tiny, text_file, held_out, out, "--softmax-layers", "1", "--rank-layers", "0")
+    assert record["linearize_config"]["softmax_layers"] == [1]
+    assert [(r["layer"], r["kept"]) for r in record["layer_ranking"]] == [(0, False)]
+    stages = {entry["stage"]: entry["loss"] for entry in record["held_out_loss"]}
+    assert eval_loss(tiny, out / "linear_attention", held_out, capsys) == pytest.approx(stages["fine-tuned"], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--rank-layers", "2"], "--rank-layers 2 is not allowed: this model has 2 linearised layers and at least one"),
+        (["--rank-layers", "-1"], "--rank-layers -1 is not allowed"),
+        (["--softmax-layers", "0", "--rank-layers", "1"], "--rank-layers 1 is not allowed: this model has 1 linear"),
+        (["--softmax-layers", "2"], "softmax_layers=[2] is not allowed for this LlamaForCausalLM: it has 2 attention"),
+        (["--softmax-layers", "0", "0"], "softmax_layers=[0, 0] is not allowed: expected a list of distinct integers"),
+        (["--softmax-layers", "0", "1"], "leaving none to linearise"),
+    ],
+)
+def test_bad_layer_options_end_in_one_line(tiny, text_file, held_out, tmp_path, capsys, options, message):
+    argv = ["linearize", "--model", tiny, "--data", text_file, "--eval-data", held_out, *STEPS, *options]
+    capsys.readouterr()
+    assert cli.main([str(a) for a in [*argv, "--output", tmp_path / "bad"]]) == 2
+    err = capsys.readouterr().err  # after the progress bar of loading the weights, one line
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("slimtune linearize: error: ") and message in last and "Traceback" not in err
+
+
+def test_rank_layers_needs_held_out_data(tiny, text_file, tmp_path, capsys):
+    argv = ["linearize", "--model", tiny, "--data", text_file, *STEPS, "--rank-layers", "1"]
+    assert cli.main([str(a) for a in [*argv, "--output", tmp_path / "none"]]) == 2
+    assert "--rank-layers needs held-out data" in capsys.readouterr().err
+
+
+def test_a_layer_index_that_is_not_an_int_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["linearize", "--softmax-layers", "1", "x"])
+    assert done.value.code == 2
+    assert "argument --softmax-layers: 'x' is not allowed: expected an int" in capsys.readouterr().err

@@ -22,6 +22,7 @@ The softmax-over-features maps (``dijiang_official``, ``hedgehog``) are bounded 
 
 from __future__ import annotations
 
+import abc
 import inspect
 import math
 
@@ -90,15 +91,17 @@ class FeatureMap(nn.Module):
         return f"head_dim={self.head_dim}, num_heads={self.num_heads}, m={self.m}"
 
 
-class ExponentialFeatureMap(FeatureMap):
+class ExponentialFeatureMap(FeatureMap, abc.ABC):
     """Base of the maps φ(x) = w ⊙ exp(y(x)): subclasses give the exponent y [B, H, T, m] (float32 at least) and the
     weights w (broadcast to [H, 1, m]); the per-token shift is taken out here (module docstring)."""
 
+    @abc.abstractmethod
     def exponent(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """y(x): x [B, H, T, d] → [B, H, T, m], float32 at least."""
 
+    @abc.abstractmethod
     def feature_weights(self, dtype: torch.dtype) -> torch.Tensor:
-        raise NotImplementedError
+        """w in ``dtype``, broadcastable to [H, 1, m]."""
 
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y = self.exponent(x)  # [B, H, T, m]

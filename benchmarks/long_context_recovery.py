@@ -8,8 +8,8 @@ Rows (``--rows``):
 - window + sinks only: the hybrid (``--window``, ``--sinks``) with its linear branch off (g = 0) in training and
   evaluation; LM fine-tuning trains the LoRA adapter alone (the linear parameters are unused);
 - hybrid: attention transfer (``--transfer-steps`` over the first ``--transfer-blocks`` training blocks, with cached
-  teacher tensors), then LM fine-tuning of LoRA and the
-  linear-attention parameters with scheduled window dropout ``--window-dropout``;
+  teacher tensors, compared after or before the output projection, ``--transfer-compare``), then LM fine-tuning of
+  LoRA and the linear-attention parameters with scheduled window dropout ``--window-dropout``;
 - hybrid, no window dropout: the same, p0 = 0 (the ablation of the dropout);
 - pure linear: no window; attention transfer, then LM fine-tuning of LoRA and the linear parameters;
 - layer-selective: the hybrid with the layers of ``--softmax-layers`` kept softmax (``slimtune linearize
@@ -80,7 +80,13 @@ def train(row: str, model: torch.nn.Module, blocks: torch.Tensor, args: argparse
     if row != "window + sinks only" and args.transfer_steps:
         transfer_blocks = blocks[: args.transfer_blocks]  # cached teacher tensors: 180 KiB a token
         transfer = attention_transfer(
-            model, transfer_blocks, steps=args.transfer_steps, batch_size=args.batch, lr=args.transfer_lr, warmup=2
+            model,
+            transfer_blocks,
+            steps=args.transfer_steps,
+            batch_size=args.batch,
+            lr=args.transfer_lr,
+            warmup=2,
+            compare=args.transfer_compare,
         )
         record |= {"transfer_s": transfer.seconds, "transfer_tokens": transfer.tokens, "transfer_mse": transfer.losses}
     adapter = st.LoraConfig(r=args.lora_r, alpha=2 * args.lora_r, target_modules=LORA_TARGETS)
@@ -136,6 +142,7 @@ def main() -> None:
     parser.add_argument("--transfer-steps", type=int, default=30)
     parser.add_argument("--transfer-blocks", type=int, default=8, help="the first training blocks, cycled")
     parser.add_argument("--transfer-lr", type=float, default=2e-2)
+    parser.add_argument("--transfer-compare", default="output", choices=["output", "attention"])
     parser.add_argument("--finetune-steps", type=int, default=30)
     parser.add_argument("--finetune-lr", type=float, default=1e-3)
     parser.add_argument("--window-dropout", type=float, default=0.5, help="p0 of the hybrid rows")

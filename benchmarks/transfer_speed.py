@@ -1,15 +1,19 @@
 """Attention transfer on SmolLM2-135M: the cached path against the hook-based one, in the same process.
 
+Paths: hook-based (``cached=False``, the whole model per step), cached comparing after the output projection
+(``compare="output"``, the hook path's loss) and cached comparing before it (``compare="attention"``).
+
 Speed: tokens per CPU-second (process time, all threads) of ``attention_transfer``, each path measured as the
 difference between two runs of different length from the same conversion, so that the set-up, and on the cached
-path the filling of the cache, cancel out: hook-based runs of ``--steps`` and 3 × ``--steps`` steps on fresh
+paths the filling of the cache, cancel out: hook-based runs of ``--steps`` and 3 × ``--steps`` steps on fresh
 blocks; cached runs over ``--cache-blocks`` blocks of n/batch steps (every block cached once) and of that plus
-``--warm-epochs`` epochs. The cached path is also timed whole (fill included) over its longer run. Medians of
+``--warm-epochs`` epochs. The cached paths are also timed whole (fill included) over their longer run. Medians of
 ``--repeats`` repeats.
 
 Quality at equal cost: from the same untrained conversion, each path trains for ``--budget`` CPU-seconds worth of
-steps (the step counts come from the speed measurement; the cached run pays its cache fill out of the budget),
-then the held-out attention MSE (summed over layers, ``attention_mse`` on BBC News validation blocks) is compared.
+steps (the step counts come from the speed measurement; a cached run pays its cache fill out of the budget), then
+the held-out attention MSE after the output projection (summed over layers, ``attention_mse`` on BBC News
+validation blocks) is compared, whatever the path trained on.
 
 Run: ``.venv/bin/python benchmarks/transfer_speed.py`` (2 threads by default; a few minutes on 2 cores). Writes
 ``benchmarks/results/transfer-speed-*.json``.
@@ -29,6 +33,7 @@ from common import format_table, write_record
 from slimtune.app.corpus import lm_blocks
 from slimtune.app.models import load_smollm2
 from slimtune.linear_attention import LinearizeConfig, linearize
+from slimtune.linear_attention.feature_maps import FEATURE_MAPS
 from slimtune.training import TrainResult
 from slimtune.training.recovery import attention_mse, attention_transfer
 
@@ -40,46 +45,52 @@ def cpu_run(train: Callable[[], TrainResult]) -> tuple[float, TrainResult]:
     return time.process_time() - start, result
 
 
-def transfer(model: torch.nn.Module, blocks: torch.Tensor, steps: int, args: argparse.Namespace, cached: bool):
-    """A function running ``steps`` transfer steps on a copy of ``model`` (the copy is made outside the timing)."""
+CACHED = {"cached, after o_proj": "output", "cached, before o_proj": "attention"}
+
+
+def transfer(model: torch.nn.Module, blocks: torch.Tensor, steps: int, args: argparse.Namespace, path: str):
+    """A function running ``steps`` transfer steps of ``path`` (hook-based or a key of CACHED) on a copy of
+    ``model`` (the copy is made outside the timing)."""
     trained = copy.deepcopy(model)
+    cached = path in CACHED
+    compare = CACHED.get(path, "output")
 
     def train() -> TrainResult:
         return attention_transfer(
-            trained, blocks, steps=steps, batch_size=args.batch, lr=args.lr, cached=cached, progress=False
+            trained,
+            blocks,
+            steps=steps,
+            batch_size=args.batch,
+            lr=args.lr,
+            cached=cached,
+            compare=compare,
+            progress=False,
         )
 
     return trained, train
 
 
 def speed(model: torch.nn.Module, fresh: torch.Tensor, cache_blocks: torch.Tensor, args: argparse.Namespace) -> dict:
-    """Tokens per CPU-second of both paths, and the CPU seconds of a step and of the cache fill (medians)."""
-    tokens = args.batch * fresh.shape[1]
+    """Per path: CPU seconds of a step (and for cached paths of a step with the fill spread, and of the fill),
+    medians over the repeats, with the samples."""
     fill_steps = len(cache_blocks) // args.batch
     warm_steps = args.warm_epochs * fill_steps
-    hook, cached, cached_whole, fill = [], [], [], []
+    samples: dict[str, dict[str, list[float]]] = {"hook-based": {"step": []}}
+    samples |= {path: {"step": [], "with_fill": [], "fill": []} for path in CACHED}
     for _ in range(args.repeats):
-        short = cpu_run(transfer(model, fresh, args.steps, args, cached=False)[1])[0]
-        long = cpu_run(transfer(model, fresh, 3 * args.steps, args, cached=False)[1])[0]
-        hook.append((long - short) / (2 * args.steps))
-        first = cpu_run(transfer(model, cache_blocks, fill_steps, args, cached=True)[1])[0]
-        whole = cpu_run(transfer(model, cache_blocks, fill_steps + warm_steps, args, cached=True)[1])[0]
-        cached.append((whole - first) / warm_steps)
-        cached_whole.append(whole / (fill_steps + warm_steps))
-        fill.append(first - fill_steps * cached[-1])
-        print({"hook_step_cpu_s": hook[-1], "cached_step_cpu_s": cached[-1], "fill_cpu_s": fill[-1]}, flush=True)
-    hook_s, cached_s = statistics.median(hook), statistics.median(cached)
-    whole_s = statistics.median(cached_whole)
-    return {
-        "hook_step_cpu_s": hook_s,
-        "cached_step_cpu_s": cached_s,
-        "cached_with_fill_step_cpu_s": whole_s,
-        "fill_cpu_s": statistics.median(fill),
-        "hook_tokens_per_cpu_s": tokens / hook_s,
-        "cached_tokens_per_cpu_s": tokens / cached_s,
-        "cached_with_fill_tokens_per_cpu_s": tokens / whole_s,
-        "samples": {"hook": hook, "cached": cached, "cached_with_fill": cached_whole, "fill": fill},
-    }
+        short = cpu_run(transfer(model, fresh, args.steps, args, "hook-based")[1])[0]
+        long = cpu_run(transfer(model, fresh, 3 * args.steps, args, "hook-based")[1])[0]
+        samples["hook-based"]["step"].append((long - short) / (2 * args.steps))
+        for path in CACHED:
+            first = cpu_run(transfer(model, cache_blocks, fill_steps, args, path)[1])[0]
+            whole = cpu_run(transfer(model, cache_blocks, fill_steps + warm_steps, args, path)[1])[0]
+            step = (whole - first) / warm_steps
+            samples[path]["step"].append(step)
+            samples[path]["with_fill"].append(whole / (fill_steps + warm_steps))
+            samples[path]["fill"].append(first - fill_steps * step)
+        print({path: {key: values[-1] for key, values in s.items()} for path, s in samples.items()}, flush=True)
+    medians = {path: {key: statistics.median(values) for key, values in s.items()} for path, s in samples.items()}
+    return {"cpu_s": medians, "samples": samples}
 
 
 def equal_budget(
@@ -88,17 +99,17 @@ def equal_budget(
     """Held-out attention MSE after ``args.budget`` CPU-seconds of each path, from the same conversion."""
     untrained = sum(attention_mse(model, held_out))
     rows = [{"path": "untrained", "steps": 0, "cpu_s": 0.0, "held_out_mse": untrained, "train_loss": None}]
-    hook_steps = max(1, round(args.budget / rates["hook_step_cpu_s"]))
-    cached_steps = max(1, round((args.budget - rates["fill_cpu_s"]) / rates["cached_step_cpu_s"]))
-    plans = [
-        ("hook-based", train[: hook_steps * args.batch], hook_steps, False),
-        (f"cached, {args.cache_blocks} blocks", train[: args.cache_blocks], cached_steps, True),
-    ]
-    for label, blocks, steps, cached in plans:
-        trained, run = transfer(model, blocks, steps, args, cached=cached)
+    cpu = rates["cpu_s"]
+    hook_steps = max(1, round(args.budget / cpu["hook-based"]["step"]))
+    plans = [("hook-based", train[: hook_steps * args.batch], hook_steps)]
+    for path in CACHED:
+        steps = max(1, round((args.budget - cpu[path]["fill"]) / cpu[path]["step"]))
+        plans.append((path, train[: args.cache_blocks], steps))
+    for path, blocks, steps in plans:
+        trained, run = transfer(model, blocks, steps, args, path)
         seconds, result = cpu_run(run)
         mse = sum(attention_mse(trained, held_out))
-        row = {"path": label, "steps": steps, "cpu_s": seconds, "held_out_mse": mse, "train_loss": result.losses[-1]}
+        row = {"path": path, "steps": steps, "cpu_s": seconds, "held_out_mse": mse, "train_loss": result.losses[-1]}
         row["mse_vs_untrained"] = mse / untrained
         rows.append(row)
         print(row, flush=True)
@@ -107,7 +118,7 @@ def equal_budget(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--feature-map", default="dijiang_qmc", choices=["dijiang", "dijiang_qmc"])
+    parser.add_argument("--feature-map", default="dijiang_qmc", choices=sorted(FEATURE_MAPS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -127,13 +138,14 @@ def main() -> None:
     held_out = lm_blocks(tokenizer, split="validation", seq_len=args.seq_len, max_blocks=args.eval_blocks)
     rates = speed(model, train[args.cache_blocks :], train[: args.cache_blocks], args)
     rows = equal_budget(model, train, held_out, rates, args)
-    hook = rates["hook_tokens_per_cpu_s"]
-    speed_rows = [
-        {"path": "hook-based", "tokens_per_cpu_s": hook, "ratio": 1.0},
-        {"path": "cached (warm)", "tokens_per_cpu_s": rates["cached_tokens_per_cpu_s"]},
-        {"path": "cached (fill included)", "tokens_per_cpu_s": rates["cached_with_fill_tokens_per_cpu_s"]},
-    ]
-    for row in speed_rows[1:]:
+    tokens = args.batch * args.seq_len
+    cpu = rates["cpu_s"]
+    hook = tokens / cpu["hook-based"]["step"]
+    speed_rows = [{"path": "hook-based", "tokens_per_cpu_s": hook}]
+    for path in CACHED:
+        speed_rows.append({"path": f"{path} (warm)", "tokens_per_cpu_s": tokens / cpu[path]["step"]})
+        speed_rows.append({"path": f"{path} (fill included)", "tokens_per_cpu_s": tokens / cpu[path]["with_fill"]})
+    for row in speed_rows:
         row["ratio"] = row["tokens_per_cpu_s"] / hook
     title = f"SmolLM2-135M, {args.feature_map}, batch {args.batch} x {args.seq_len}, {args.threads} threads"
     print(f"\n## Attention transfer speed, {title} (ratio > 1: faster than hook-based)\n")

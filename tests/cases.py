@@ -124,6 +124,18 @@ def tiny_bert_classifier(num_labels: int = 3, seed: int = 0, init_std: float = 0
     return BertForSequenceClassification(config).eval()
 
 
+def perturbed_conversion(model: nn.Module, config: Any) -> nn.Module:
+    """``model`` linearised with ``config`` (a LinearizeConfig), in eval mode (no dropout), its added parameters
+    moved off their initial values by seeded noise (× 0.1)."""
+    from slimtune.linear_attention import linear_attention_parameters, linearize
+
+    converted = linearize(model, config).eval()
+    with torch.no_grad():
+        for i, p in enumerate(linear_attention_parameters(converted)):
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.1)
+    return converted
+
+
 def model_input(model: nn.Module, seed: int = 1) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     if isinstance(model, TinyMLP):

@@ -1,7 +1,9 @@
-"""Fixtures the command-line tests share: a tiny Llama folder the CLI loads, and a small text file to train on."""
+"""Fixtures the command-line tests share: a tiny Llama folder the CLI loads (and one with room for passkey prompts),
+and a small text file to train on."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,15 @@ from train_script import save_tiny_folder
 def tiny(tmp_path_factory) -> Path:
     """A Hugging Face folder of ``tiny_llama()`` with a character tokenizer (``train_script.save_tiny_folder``)."""
     return save_tiny_folder(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def long_tiny(tmp_path_factory) -> Path:
+    """The ``tiny`` folder with max_position_embeddings 512 (a passkey prompt needs ~250 characters)."""
+    path = save_tiny_folder(tmp_path_factory.mktemp("tiny-512"))
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 512}))
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -310,9 +310,9 @@ def test_linearize_with_window_dropout_on_few_cached_transfer_blocks(tiny, texts
     out = tmp_path / "dropout"
     options = [*data_options(tiny, texts), "--transfer-steps", "3", "--finetune-steps", "3", "--output", out]
     hybrid = ["--window", "4", "--chunk-size", "8", "--transfer-blocks", "2", "--window-dropout", "0.5"]
-    assert run_cli("linearize", *options, *hybrid) == 0
+    assert run_cli("linearize", *options, *hybrid, "--transfer-compare", "attention") == 0
     record = json.loads((out / "run.json").read_text())
-    assert (record["transfer_blocks"], record["window_dropout"]) == (2, 0.5)
+    assert (record["transfer_blocks"], record["window_dropout"], record["transfer_compare"]) == (2, 0.5, "attention")
     assert [entry["stage"] for entry in record["held_out_loss"]][-1] == "fine-tuned"
     capsys.readouterr()
     assert run_cli("linearize", *options, "--overwrite", "--window-dropout", "0.5") == 2
@@ -321,6 +321,10 @@ def test_linearize_with_window_dropout_on_few_cached_transfer_blocks(tiny, texts
     assert "window_dropout=1.0 is not allowed: expected a number in [0, 1)" in capsys.readouterr().err
     assert run_cli("linearize", *options, "--overwrite", "--transfer-blocks", "0") == 2
     assert "transfer_blocks=0 is not allowed" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        run_cli("linearize", *options, "--overwrite", "--transfer-compare", "logits")
+    assert done.value.code == 2
+    assert "invalid choice: 'logits' (choose from 'output', 'attention')" in capsys.readouterr().err
 
 
 def test_topic_accuracy_on_bbc_news(tiny, capsys):

@@ -91,3 +91,21 @@ def test_a_layer_index_that_is_not_an_int_is_an_argparse_error(capsys):
         cli.main(["linearize", "--softmax-layers", "1", "x"])
     assert done.value.code == 2
     assert "argument --softmax-layers: 'x' is not allowed: expected an int" in capsys.readouterr().err
+
+
+def test_rank_by_passkey_on_the_command_line(long_tiny, text_file, tmp_path, capsys):
+    out = tmp_path / "passkey"
+    steps = ["--transfer-steps", "1", "--finetune-steps", "1", "--seq-len", "32"]
+    argv = ["linearize", "--model", long_tiny, "--data", text_file, *steps, "--window", "4", "--sink-tokens", "1"]
+    ranked = [*argv, "--rank-layers", "1", "--rank-by", "passkey", "--rank-passkey-length", "280"]
+    assert cli.main([str(a) for a in [*ranked, "--output", out]]) == 0
+    printed = capsys.readouterr().out
+    assert "ranking 2 linearised layers by the passkey loss on 6 prompts of 280 tokens" in printed
+    assert "| layer | passkey loss with its softmax restored | drop vs all-linear | kept as softmax |" in printed
+    record = json.loads((out / "run.json").read_text())
+    assert record["rank_by"] == "passkey" and [r["kept"] for r in record["layer_ranking"]] == [True, False]
+    assert record["linearize_config"]["softmax_layers"] == [record["layer_ranking"][0]["layer"]]
+    short = [*argv, "--rank-layers", "1", "--rank-by", "passkey", "--rank-passkey-length", "50"]
+    assert cli.main([str(a) for a in [*short, "--output", tmp_path / "short"]]) == 2
+    err = capsys.readouterr().err
+    assert "total_tokens=50" in err and "Traceback" not in err

@@ -16,26 +16,16 @@ from slimtune.app.corpus import lm_blocks
 from slimtune.app.models import load_causal_lm
 from slimtune.linear_attention import LinearizeConfig, linearize, load_linearized, save_linearized
 from slimtune.training.long_context import passkey_accuracy, position_losses
-from train_script import save_tiny_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PASSKEY = ["--task", "passkey", "--lengths", "260", "300", "--depths", "0.2", "0.8", "--keys", "2"]
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    """The tiny folder of the CLI tests with max_position_embeddings 512 (the passkey prompt needs ~250 characters)."""
-    path = save_tiny_folder(tmp_path_factory.mktemp("tiny-512"))
-    config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 512}))
-    return path
-
-
-@pytest.fixture(scope="module")
-def converted(folder, tmp_path_factory) -> tuple[Path, Path]:
+def converted(long_tiny, tmp_path_factory) -> tuple[Path, Path]:
     """(linear-attention folder, LoRA adapter folder) for the tiny model: a hybrid with a 40-token window."""
     out = tmp_path_factory.mktemp("converted")
-    model, _ = load_causal_lm(str(folder))
+    model, _ = load_causal_lm(str(long_tiny))
     linearize(model, LinearizeConfig(window=40, sink_tokens=2, chunk_size=16))
     save_linearized(model, out / "linear")
     adapted = st.get_adapted_model(model, st.LoraConfig(r=2))
@@ -65,9 +55,9 @@ def same_cells(reported: list[dict], expected: list[dict]) -> bool:
     return len(reported) == len(expected) and all(a == pytest.approx(b) for a, b in zip(reported, expected))
 
 
-def test_passkey_reports_the_library_result(folder, capsys):
-    report = report_of(capsys, "--model", folder, *PASSKEY)
-    model, tokenizer = loaded(folder)
+def test_passkey_reports_the_library_result(long_tiny, capsys):
+    report = report_of(capsys, "--model", long_tiny, *PASSKEY)
+    model, tokenizer = loaded(long_tiny)
     expected = passkey_accuracy(model, tokenizer, (260, 300), (0.2, 0.8), keys_per_cell=2).to_dict()
     assert report["task"] == "passkey" and report["window"] is None and report["needles_outside"] == 0
     assert [(c["length"], c["depth"], c["keys"]) for c in report["cells"]] == [
@@ -79,21 +69,21 @@ def test_passkey_reports_the_library_result(folder, capsys):
     assert same_cells(report["cells"], expected["cells"]) and report["accuracy"] == expected["accuracy"]
 
 
-def test_passkey_on_a_linearised_adapted_model_splits_by_its_window(folder, converted, capsys):
+def test_passkey_on_a_linearised_adapted_model_splits_by_its_window(long_tiny, converted, capsys):
     linear, adapter = converted
-    report = report_of(capsys, "--model", folder, "--linear-attention", linear, "--adapter", adapter, *PASSKEY)
-    model, tokenizer = loaded(folder, linear, adapter)
+    report = report_of(capsys, "--model", long_tiny, "--linear-attention", linear, "--adapter", adapter, *PASSKEY)
+    model, tokenizer = loaded(long_tiny, linear, adapter)
     expected = passkey_accuracy(model, tokenizer, (260, 300), (0.2, 0.8), keys_per_cell=2, window=40).to_dict()
     assert report["window"] == 40 and report["linear_attention"] == str(linear)
     assert same_cells(report["cells"], expected["cells"])
-    wider = report_of(capsys, "--model", folder, "--linear-attention", linear, *PASSKEY, "--window", "120")
+    wider = report_of(capsys, "--model", long_tiny, "--linear-attention", linear, *PASSKEY, "--window", "120")
     assert wider["window"] == 120 and wider["needles_inside"] > 0 and wider["needles_outside"] > 0
 
 
-def test_position_loss_reports_the_buckets_within_the_blocks(folder, converted, capsys):
-    argv = ["--model", folder, "--task", "position-loss", "--split", "test", "--seq-len", "256", "--max-blocks", "2"]
+def test_position_loss_reports_the_buckets_within_the_blocks(long_tiny, converted, capsys):
+    argv = ["--model", long_tiny, "--task", "position-loss", "--split", "test", "--seq-len", "256", "--max-blocks", "2"]
     report = report_of(capsys, *argv)
-    model, tokenizer = loaded(folder)
+    model, tokenizer = loaded(long_tiny)
     expected = position_losses(model, lm_blocks(tokenizer, "test", 256, 2))
     assert list(report["losses"]) == ["0-64", "64-256"] and (report["blocks"], report["seq_len"]) == (2, 256)
     assert report["losses"] == pytest.approx(expected)
@@ -115,8 +105,8 @@ def test_position_loss_reports_the_buckets_within_the_blocks(folder, converted, 
         (["--task", "position-loss", "--data", "bbc-instruct"], "holds chat examples"),
     ],
 )
-def test_careless_values_end_with_one_clear_line(folder, argv, message, capsys):
+def test_careless_values_end_with_one_clear_line(long_tiny, argv, message, capsys):
     capsys.readouterr()
-    assert cli.main(["eval", "--model", str(folder), "--task", "passkey", "--keys", "1", *argv]) == 2
+    assert cli.main(["eval", "--model", str(long_tiny), "--task", "passkey", "--keys", "1", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the weight-loading progress bar
     assert err.startswith("slimtune eval: error: ") and re.search(message, err), err

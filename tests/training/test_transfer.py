@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cases import tiny_gpt2, tiny_llama
+from cases import perturbed_conversion, tiny_gpt2, tiny_llama
 from slimtune.errors import ConfigError
 from slimtune.linear_attention import LinearizeConfig, linear_attention_layers, linear_attention_parameters, linearize
 from slimtune.training import METRICS_FILE, TrainResult
@@ -42,13 +42,9 @@ def token_blocks(n: int, length: int, seed: int = 0) -> torch.Tensor:
 
 
 def perturbed(case: str) -> nn.Module:
-    """The case's conversion, in eval mode (no dropout), with its added parameters moved off their initial values."""
+    """The case's conversion, in eval mode, its added parameters moved off their initial values."""
     arch, config = CASES[case]
-    model = linearize(TINY[arch](), config).eval()
-    with torch.no_grad():
-        for i, p in enumerate(linear_attention_parameters(model)):
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.1)
-    return model
+    return perturbed_conversion(TINY[arch](), config)
 
 
 def reference_losses(case: str, model: nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:

@@ -30,7 +30,7 @@ from slimtune.app.commands import (
 )
 from slimtune.app.data_options import DATA_HELP, TOO_LONG_HELP
 from slimtune.app.file_commands import cmd_export, cmd_import, cmd_merge, cmd_models
-from slimtune.app.layer_ranking_commands import RANK_LAYERS_HELP
+from slimtune.app.layer_ranking_commands import RANK_BY, RANK_BY_HELP, RANK_LAYERS_HELP
 from slimtune.app.linearize_commands import cmd_linearize
 from slimtune.app.options import METHOD_CHOICES, add_config_options, option
 from slimtune.app.quantized_base import QUANTIZE_CHOICES, QUANTIZE_HELP, quiet_bitsandbytes_notice
@@ -161,6 +161,10 @@ _TRANSFER_BLOCKS_HELP = (
     "attention transfer cycles over the first N training blocks: each goes through the original model once and its "
     "teacher tensors are kept (about 22 MiB a 128-token block for SmolLM2), so later steps run only the new parts"
 )
+_COMPARE_HELP = (
+    "what attention transfer matches: each layer's output after its output projection, or what enters that "
+    "projection (attention: LoLCATs' loss, the projection leaves the step)"
+)
 _WINDOW_DROPOUT_HELP = (
     "scheduled sliding-window dropout (arXiv 2510.05901) in fine-tuning, needs --window: each step, each windowed "
     "layer runs as pure linear attention with probability P, decaying linearly to 0 over the run (0: off)"
@@ -187,6 +191,10 @@ def _add_linearize(sub: Any) -> None:
     adapter_help = "also train this adapter during fine-tuning (default: only the added linear-attention parameters)"
     option(p, taken, "method", default=None, choices=METHOD_CHOICES, help=adapter_help)
     option(p, taken, "rank_layers", type=int, default=None, metavar="K", help=RANK_LAYERS_HELP)
+    option(p, taken, "rank_by", default="loss", choices=list(RANK_BY), help=RANK_BY_HELP)
+    passkey_help = "length in tokens of the passkey prompts --rank-by passkey ranks on"
+    option(p, taken, "rank_passkey_length", type=int, default=1024, metavar="N", help=passkey_help)
+    option(p, taken, "transfer_compare", default="output", choices=["output", "attention"], help=_COMPARE_HELP)
     group = p.add_argument_group("linear attention (LinearizeConfig)")
     linear = add_config_options(group, {"linearize": LinearizeConfig}, taken, "linear")
     adapter = add_config_options(p.add_argument_group("adapter method"), METHODS, taken, "adapter")

@@ -65,12 +65,27 @@ def cmd_linearize(args: argparse.Namespace) -> int:
     linearize(model, la_config)
     ranking = None
     if args.rank_layers is not None:
-        ranking = keep_best_softmax_layers(model, eval_blocks, args.rank_layers, args.batch_size)
+        ranking = keep_best_softmax_layers(
+            model,
+            eval_blocks,
+            args.rank_layers,
+            args.batch_size,
+            rank_by=args.rank_by,
+            tokenizer=tokenizer,
+            passkey_length=args.rank_passkey_length,
+        )
     measure("linearized")
     stage = {"batch_size": args.batch_size, "warmup": args.warmup}
     if args.transfer_steps:
         transfer_blocks = train_blocks[: args.transfer_blocks]
-        attention_transfer(model, transfer_blocks, steps=args.transfer_steps, lr=args.transfer_lr, **stage)
+        attention_transfer(
+            model,
+            transfer_blocks,
+            steps=args.transfer_steps,
+            lr=args.transfer_lr,
+            compare=args.transfer_compare,
+            **stage,
+        )
         measure("attention transfer")
     if args.finetune_steps:
         model, _ = finetune(
@@ -93,10 +108,12 @@ def cmd_linearize(args: argparse.Namespace) -> int:
         "data": args.data,
         "linearize_config": linearize_config(model).to_dict(),
         "layer_ranking": ranking,
+        "rank_by": args.rank_by if ranking is not None else None,
         "adapter_config": adapter.to_dict() if adapter else None,
         "held_out_loss": [{"stage": stage, "loss": loss} for stage, loss in losses.items()],
         "transfer_steps": args.transfer_steps,
         "transfer_blocks": args.transfer_blocks,
+        "transfer_compare": args.transfer_compare,
         "finetune_steps": args.finetune_steps,
         "window_dropout": args.window_dropout,
     }

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,21 +61,10 @@ def _project_gpt2(layer: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return _heads(layer, q), _heads(layer, k), _heads(layer, v)
 
 
-def _children_in_turn(*names: str) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
-    """(layer, o [B, T, H·d]) → the children ``names`` of ``layer`` applied to o in turn (projection, dropout)."""
-
-    def output(layer: nn.Module, o: torch.Tensor) -> torch.Tensor:
-        for name in names:
-            o = getattr(layer, name)(o)
-        return o
-
-    return output
-
-
 _LLAMA_LIKE = AttentionSpec(
     kept=("q_proj", "k_proj", "v_proj", "o_proj"),
     project=_project_separate,
-    output=_children_in_turn("o_proj"),
+    output_modules=("o_proj",),
     cache_kwarg="past_key_values",
     rotary=None,
 )
@@ -86,14 +75,14 @@ _SPECS: dict[str, AttentionSpec] = {
     "GPTNeoXAttention": AttentionSpec(
         kept=("query_key_value", "dense"),
         project=_project_neox,
-        output=_children_in_turn("dense"),
+        output_modules=("dense",),
         cache_kwarg="layer_past",
         rotary=None,
     ),
     "GPT2Attention": AttentionSpec(
         kept=("c_attn", "c_proj", "resid_dropout"),
         project=_project_gpt2,
-        output=_children_in_turn("c_proj", "resid_dropout"),
+        output_modules=("c_proj", "resid_dropout"),
         cache_kwarg="past_key_values",
         rotary=None,
     ),

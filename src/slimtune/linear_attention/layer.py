@@ -68,16 +68,27 @@ class AttentionSpec:
 
     kept: names of the original's children reused under the same names (projections, dropout).
     project: (layer, hidden_states [B, T, D]) → q [B, H, T, d], k [B, Hkv, T, d], v [B, Hkv, T, d].
-    output: (layer, o [B, T, H·d]) → [B, T, D]: the output projection (and dropout) of the original.
+    output_modules: names of the original's children that map o [B, T, H·d] → [B, T, D] in turn: the output
+        projection first, then dropout where the architecture has one (:meth:`output`).
     cache_kwarg: the keyword the decoder layer passes the cache under ("past_key_values", "layer_past").
     rotary: the architecture's ``apply_rotary_pos_emb(q, k, cos, sin)``, or None when it has no RoPE.
     """
 
     kept: tuple[str, ...]
     project: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-    output: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    output_modules: tuple[str, ...]
     cache_kwarg: str
     rotary: Callable | None
+
+    def output(self, layer: nn.Module, o: torch.Tensor) -> torch.Tensor:
+        """o [B, T, H·d] → [B, T, D]: ``layer``'s children ``output_modules`` applied in turn."""
+        for name in self.output_modules:
+            o = getattr(layer, name)(o)
+        return o
+
+    def output_projection(self, layer: nn.Module) -> nn.Module:
+        """``layer``'s output projection: the first of ``output_modules``."""
+        return getattr(layer, self.output_modules[0])
 
 
 class LinearAttention(nn.Module):

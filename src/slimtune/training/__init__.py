@@ -27,7 +27,12 @@ from slimtune.training.classification import (
 from slimtune.training.config import LoopOptions, TrainConfig, TrainLMOptions, TrainResult
 from slimtune.training.data import Example, load_texts, pack_examples, pack_for_lm, read_text_file
 from slimtune.training.evaluate import evaluate_lm, evaluate_loss
-from slimtune.training.layer_ranking import LayerRank, rank_softmax_layers, top_softmax_layers
+from slimtune.training.layer_ranking import (
+    LayerRank,
+    rank_softmax_layers,
+    rank_softmax_layers_for_retrieval,
+    top_softmax_layers,
+)
 from slimtune.training.long_context import (
     PasskeyCell,
     PasskeyPrompt,
@@ -83,6 +88,7 @@ __all__ = [
     "predict",
     "prefill_cost",
     "rank_softmax_layers",
+    "rank_softmax_layers_for_retrieval",
     "read_chat_jsonl",
     "read_text_file",
     "top_softmax_layers",

@@ -1,28 +1,40 @@
-"""Which linearised layers most deserve their softmax attention back: the held-out LM loss of the model with each
-one restored in turn (:func:`slimtune.linear_attention.softmax_restored`), against the all-linear loss.
+"""Which linearised layers most deserve their softmax attention back: a loss of the model with each one restored in
+turn (:func:`slimtune.linear_attention.softmax_restored`), against the all-linear loss. Two criteria:
+
+- :func:`rank_softmax_layers`: the held-out LM loss (:func:`evaluate_lm`), for perplexity;
+- :func:`rank_softmax_layers_for_retrieval`: the passkey loss, the mean negative log-likelihood of the key over
+  passkey prompts whose needle lies beyond the softmax window (:func:`slimtune.training.long_context.score_answer`),
+  for retrieval: the LM loss of ordinary text hardly depends on tokens a window does not see, so it does not find
+  the layers that fetch them.
 
 A layer-selective hybrid keeps the top k as softmax (``LinearizeConfig.softmax_layers``, or
 :func:`slimtune.linear_attention.restore_softmax` on the ranked model). Ranking costs one evaluation per linearised
-layer, plus one. It lives in training, not in the core, because it evaluates a loss (:func:`evaluate_lm`).
+layer, plus one. It lives in training, not in the core, because it evaluates losses.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from slimtune.config import check_int
 from slimtune.errors import ConfigError
 from slimtune.linear_attention import linear_attention_layers, linearize_config, softmax_restored
 from slimtune.training.evaluate import evaluate_lm
+from slimtune.training.long_context import check_context, passkey_prompt, score_answer
+
+RETRIEVAL_SEED = 1_000_003  # the ranking's keys; evaluations draw theirs from small seeds (passkey_accuracy: 0)
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerRank:
-    """One linearised layer: its index, the held-out loss with only it restored to softmax attention, and the
-    drop from the all-linear loss (positive: restoring it helps)."""
+    """One linearised layer: its index, the loss (held-out LM loss, or passkey loss) with only it restored to
+    softmax attention, and the drop from the all-linear loss (positive: restoring it helps)."""
 
     layer: int
     loss: float
@@ -40,16 +52,66 @@ def rank_softmax_layers(
     Raises:
         ConfigError: ``model`` is not linearised, or bad ``blocks``.
     """
+    return _rank(model, lambda: evaluate_lm(model, blocks, batch_size), progress)
+
+
+def rank_softmax_layers_for_retrieval(
+    model: nn.Module,
+    tokenizer: Any,
+    lengths: Sequence[int] = (1024,),
+    depths: Sequence[float] = (0.1, 0.5, 0.9),
+    keys_per_cell: int = 2,
+    seed: int = RETRIEVAL_SEED,
+    progress: bool = True,
+) -> list[LayerRank]:
+    """As :func:`rank_softmax_layers`, by the passkey loss: the mean over prompts of −log p(key | prompt).
+
+    ``keys_per_cell`` prompts per (length, depth) (:func:`passkey_prompt`), keys drawn from 10000 .. 99999 by a
+    generator seeded with ``seed`` (by default one no evaluation uses, so the ranking does not see the test's keys).
+    The same prompts score every candidate. Every needle should lie beyond the softmax window (lengths well above
+    it), or the window alone retrieves it.
+
+    Raises:
+        ConfigError: ``model`` is not linearised; empty or invalid ``lengths`` / ``depths``; a length above the
+            model's context or too short for the prompt; ``keys_per_cell`` < 1.
+    """
+    linearize_config(model)
+    if not lengths or not depths:
+        raise ConfigError(f"lengths={list(lengths)} and depths={list(depths)} must both be non-empty")
+    check_int("keys_per_cell", keys_per_cell)
+    check_int("seed", seed, minimum=0)
+    check_context(model, "lengths", max(lengths))
+    generator = torch.Generator().manual_seed(seed)
+    prompts = [
+        passkey_prompt(tokenizer, length, depth, key)
+        for length in lengths
+        for depth in depths
+        for key in torch.randint(10000, 100000, (keys_per_cell,), generator=generator).tolist()
+    ]
+
+    def passkey_loss() -> float:
+        was_training = model.training
+        model.eval()
+        try:
+            return -sum(score_answer(model, p.input_ids, p.answer_ids)[1] for p in prompts) / len(prompts)
+        finally:
+            model.train(was_training)
+
+    return _rank(model, passkey_loss, progress)
+
+
+def _rank(model: nn.Module, loss: Callable[[], float], progress: bool) -> list[LayerRank]:
+    """``loss()`` of the all-linear model, then with each linearised layer's softmax restored alone; sorted."""
     linearize_config(model)
     indices = [layer.layer_idx for _, layer in linear_attention_layers(model)]
     with tqdm(total=len(indices) + 1, desc="ranking layers", unit="eval", disable=not progress) as bar:
-        base = evaluate_lm(model, blocks, batch_size)
+        base = loss()
         bar.update()
         ranking = []
         for index in indices:
             with softmax_restored(model, [index]):
-                loss = evaluate_lm(model, blocks, batch_size)
-            ranking.append(LayerRank(layer=index, loss=loss, drop=base - loss))
+                value = loss()
+            ranking.append(LayerRank(layer=index, loss=value, drop=base - value))
             bar.update()
     return sorted(ranking, key=lambda rank: (-rank.drop, rank.layer))
 

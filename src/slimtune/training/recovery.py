@@ -4,7 +4,8 @@
    replaced, on the hidden states of the original model. The loss of a batch is the sum over layers of the MSE
    between the layer's output and the original module's output [B, T, D]; the loop
    (:func:`slimtune.training.train_lm`) minimises it over the parameters the conversion added (feature maps,
-   decays, gates), in eval mode (no dropout: exact targets). Two paths compute it:
+   decays, gates), in eval mode (no dropout: exact targets); ``compare="attention"`` compares what enters the
+   output projection instead (LoLCATs' loss). Two paths compute it:
    - cached (default, :mod:`slimtune.training.transfer`): each block's teacher tensors (q, k, v after RoPE and the
      softmax output of every layer) are computed once, without gradients; a step runs only the added parts on them.
    - hook-based (``cached=False``, :func:`_teacher_forcing`): in one forward pass of the whole model each layer
@@ -40,7 +41,13 @@ from slimtune.training.config import LoopOptions, TrainLMOptions, TrainResult
 from slimtune.training.evaluate import model_device
 from slimtune.training.loop import train_lm
 from slimtune.training.losses import LossFn
-from slimtune.training.transfer import TeacherCache, cached_transfer_loss, check_cache_size
+from slimtune.training.transfer import (
+    TeacherCache,
+    cached_transfer_loss,
+    check_cache_size,
+    check_compare,
+    projection_inputs,
+)
 from slimtune.training.window_dropout import window_dropout as window_dropout_schedule
 
 if TYPE_CHECKING:
@@ -58,6 +65,7 @@ def attention_transfer(
     lr: float,
     warmup: int = 0,
     cached: bool = True,
+    compare: str = "output",
     max_cache_gib: float = 8.0,
     progress: bool = True,
     **loop: Unpack[LoopOptions],
@@ -66,7 +74,9 @@ def attention_transfer(
 
     ``blocks`` [n, seq_len] token ids, cycled in order; the loss of a step is the sum over layers of the mean
     squared error between the layer's output and the original attention's output [B, T, D] (both after the
-    output projection), on the original model's hidden states. AdamW, cosine schedule after ``warmup`` steps;
+    output projection, ``compare="output"``), on the original model's hidden states; ``compare="attention"``
+    compares what enters the output projection instead [B, T, H·d] (LoLCATs' attention outputs: the output
+    projection then leaves the cached step). AdamW, cosine schedule after ``warmup`` steps;
     ``loop``: the loop's options (:class:`LoopOptions`). ``TrainResult.losses`` holds that summed MSE per step.
 
     ``cached`` (default): the teacher tensors of each block are computed the first time a step uses it and kept
@@ -76,30 +86,34 @@ def attention_transfer(
     ``cached=False``: the hook-based path, a whole-model forward per step, no memory kept.
 
     Raises:
-        ConfigError: steps, batch_size or lr not positive, no linearised layer, no added parameter to train, a
-            checkpoint that does not fit, or (cached) a cache over ``max_cache_gib`` or more than one process.
+        ConfigError: steps, batch_size or lr not positive, ``compare`` not "output" or "attention", no linearised
+            layer, no added parameter to train, a checkpoint that does not fit, or (cached) a cache over
+            ``max_cache_gib`` or more than one process.
         FloatingPointError: the loss or a gradient became NaN or inf (naming the step, the learning rate and the
             last good checkpoint).
     """
     options: TrainLMOptions = {**loop, "warmup": warmup, "progress": progress, "desc": "attention transfer"}
+    check_compare(compare)
     params = _added_parameters(model)
     if cached:
-        check_cache_size(model, blocks, steps * batch_size * loop.get("grad_accum", 1), max_cache_gib)
-    with _only_trainable(model, params), _transfer_loss(model, cached) as loss_fn:
+        check_cache_size(model, blocks, steps * batch_size * loop.get("grad_accum", 1), max_cache_gib, compare)
+    with _only_trainable(model, params), _transfer_loss(model, cached, compare) as loss_fn:
         return train_lm(
             model, blocks, steps=steps, batch_size=batch_size, lr=lr, loss_fn=loss_fn, train_mode=False, **options
         )
 
 
 @torch.no_grad()
-def attention_mse(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> list[float]:
-    """Per linearised layer, the MSE between its output and the softmax output on the original hidden states.
+def attention_mse(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4, compare: str = "output") -> list[float]:
+    """Per linearised layer, the MSE between its output and the softmax output on the original hidden states
+    (after the output projection, or before it with ``compare="attention"``).
 
     Averaged over ``blocks`` [n, seq_len] (each block weighs the same); one float per layer, in layer order.
     """
+    check_compare(compare)
     _check_linearised(model)
     totals: list[float] = []
-    with _teacher_forcing(model) as layer_losses:
+    with _teacher_forcing(model, compare) as layer_losses:
         for i in range(0, len(blocks), batch_size):
             batch = blocks[i : i + batch_size].to(model_device(model))
             values = [loss.item() * len(batch) for loss in layer_losses(model, batch)]
@@ -187,14 +201,14 @@ def _check_linearised(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def _transfer_loss(model: nn.Module, cached: bool) -> Iterator[LossFn]:
-    """The attention-transfer loss of ``model`` on the cached or the hook-based path; the model is in eval mode
-    inside (its mode is restored on exit)."""
+def _transfer_loss(model: nn.Module, cached: bool, compare: str) -> Iterator[LossFn]:
+    """The attention-transfer loss of ``model`` on the cached or the hook-based path, compared where ``compare``
+    says; the model is in eval mode inside (its mode is restored on exit)."""
     if cached:
         with _eval_mode(model):
-            yield cached_transfer_loss(TeacherCache(model))
+            yield cached_transfer_loss(TeacherCache(model, compare))
     else:
-        with _teacher_forcing(model) as layer_losses:
+        with _teacher_forcing(model, compare) as layer_losses:
             yield lambda forward_model, batch: torch.stack(layer_losses(forward_model, batch)).sum()
 
 
@@ -209,20 +223,25 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _teacher_forcing(model: nn.Module) -> Iterator[LayerLosses]:
+def _teacher_forcing(model: nn.Module, compare: str = "output") -> Iterator[LayerLosses]:
     """Hook every LinearAttention of ``model`` to pass the softmax output [B, T, D] on; yields ``layer_losses``.
 
     ``layer_losses(forward_model, batch)`` runs ``forward_model`` (``model``, or the wrapper accelerate made of it)
     on ``batch`` [B, T] token ids and returns the MSE(linear output, softmax output) [] of every layer, in layer
-    order. The LM head runs on the last position only. The model is in eval mode inside (its mode is restored
-    on exit).
+    order: after the output projection, or (``compare="attention"``) of what enters it, recorded by a pre-hook on
+    the projection the two share. The LM head runs on the last position only. The model is in eval mode inside
+    (its mode is restored on exit).
     """
     recorded: list[torch.Tensor] = []
 
     def hook(layer: LinearAttention, args: tuple[Any, ...], kwargs: dict[str, Any], output: tuple[Any, ...]) -> tuple:
-        with torch.no_grad():
+        with torch.no_grad(), projection_inputs(layer) as attention:
             target = layer.original.train(layer.training)(*args, **kwargs)[0]  # [B, T, D]
-        recorded.append(F.mse_loss(output[0].float(), target.float()))
+        if compare == "output":
+            recorded.append(F.mse_loss(output[0].float(), target.float()))
+        else:  # predicted[layer]: the linear layer's projection input [B, T, H·d], then the original's
+            recorded.append(F.mse_loss(predicted[layer][0].float(), attention[0].float()))
+            predicted[layer].clear()
         return (target, *output[1:])
 
     def layer_losses(forward_model: nn.Module, batch: torch.Tensor) -> list[torch.Tensor]:
@@ -230,10 +249,11 @@ def _teacher_forcing(model: nn.Module) -> Iterator[LayerLosses]:
         forward_model(input_ids=batch, use_cache=False, logits_to_keep=1)
         return list(recorded)
 
-    handles = [layer.register_forward_hook(hook, with_kwargs=True) for _, layer in linear_attention_layers(model)]
-    try:
+    layers = [layer for _, layer in linear_attention_layers(model)]
+    with contextlib.ExitStack() as stack:
+        for layer in layers:
+            stack.callback(layer.register_forward_hook(hook, with_kwargs=True).remove)
+        watched = layers if compare == "attention" else []
+        predicted = {layer: stack.enter_context(projection_inputs(layer)) for layer in watched}
         with _eval_mode(model):
             yield layer_losses
-    finally:
-        for handle in handles:
-            handle.remove()

@@ -6,15 +6,18 @@ teacher's side of a block is computed once, without gradients (:meth:`TeacherCac
 model runs with every :class:`LinearAttention` standing in for its softmax module, and each layer records
 
     q [H, T, d], k, v [Hkv, T, d]   its projections of the incoming hidden states, RoPE applied to q and k
-    target [T, D]                   the softmax attention's output (after its output projection)
+    target [T, D]                   the softmax attention's output: after its output projection (``compare="output"``)
+                                    or what enters it, [T, H·d] (``compare="attention"``)
     x [T, D]                        the incoming hidden states (only with ``output_gate``, whose gate reads them)
     valid [T] or None               the key mask the attention got (None: no mask)
 
-A training step then runs, per layer, only the added part: :meth:`LinearAttention.attend` on the cached q, k, v,
-the output gate and the frozen output projection (:func:`cached_layer_losses`); MLPs, projections, embedding and
-LM head are out of the step and out of the graph. The loss compared is the one of the hook-based path, bit for bit
-in definition: per layer, ``F.mse_loss(output [B, T, D], target [B, T, D])`` in float32, where output is the
-layer's return value (after ``o_proj``, and dropout for GPT-2) and target the original module's.
+A training step then runs, per layer, only the added parts on the cached q, k, v (:func:`cached_layer_losses`):
+:meth:`LinearAttention.attend`, the output gate and, with ``compare="output"``, the frozen output projection; MLPs,
+projections, embedding and LM head are out of the step and out of the graph. The loss compared is the one of the
+hook-based path, bit for bit in definition: per layer, ``F.mse_loss(output, target)`` in float32, where with
+``compare="output"`` output is the layer's return value [B, T, D] (after ``o_proj``, and dropout for GPT-2) and
+target the original module's; with ``compare="attention"`` both are what enters the output projection [B, T, H·d]
+(LoLCATs' attention outputs), which keeps the output projection out of the step.
 
 Blocks are cached by their token ids the first time a step uses them, each in a forward of its own (batch 1),
 so a block's tensors do not depend on which blocks share its batch and a resumed run trains on the same tensors.
@@ -39,6 +42,8 @@ from slimtune.errors import ConfigError
 from slimtune.linear_attention.convert import linear_attention_layers
 from slimtune.linear_attention.layer import LinearAttention, key_padding
 
+COMPARED = ("output", "attention")
+
 
 class LayerTensors(NamedTuple):
     """What one layer's loss needs, for one block (shapes in the module docstring) or a batch (with B in front)."""
@@ -55,10 +60,15 @@ class TeacherCache:
     """The teacher tensors of every block seen so far, per layer of ``model`` (module docstring).
 
     The teacher runs in the mode ``model`` is in: eval mode (as :func:`attention_transfer` sets) for exact targets.
+    ``compare``: which softmax output is the target, "output" or "attention" (module docstring).
+
+    Raises:
+        ConfigError: ``compare`` not one of :data:`COMPARED`.
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
+    def __init__(self, model: nn.Module, compare: str = "output") -> None:
+        check_compare(compare)
+        self.model, self.compare = model, compare
         self.layers = [layer for _, layer in linear_attention_layers(model)]
         self._blocks: dict[bytes, list[LayerTensors]] = {}
 
@@ -82,13 +92,16 @@ class TeacherCache:
     def _teacher_pass(self, ids: torch.Tensor) -> list[LayerTensors]:
         """One block [1, T] through the original model; the tensors of every layer, without the batch dimension."""
         recorded: dict[int, LayerTensors] = {}
-        with _softmax_stand_ins(self.layers, recorded):
+        with _softmax_stand_ins(self.layers, recorded, self.compare):
             self.model(input_ids=ids, use_cache=False, logits_to_keep=1)
         return [_first(recorded[i]) for i in range(len(self.layers))]
 
 
-def check_cache_size(model: nn.Module, blocks: torch.Tensor, visits: int, max_cache_gib: float) -> None:
-    """Refuse a run whose cache could outgrow ``max_cache_gib``: ``visits`` block uses of ``blocks`` [n, T].
+def check_cache_size(
+    model: nn.Module, blocks: torch.Tensor, visits: int, max_cache_gib: float, compare: str = "output"
+) -> None:
+    """Refuse a run whose cache could outgrow ``max_cache_gib``: ``visits`` block uses of ``blocks`` [n, T], with the
+    targets ``compare`` names.
 
     Raises:
         ConfigError: ``max_cache_gib`` not positive, or min(n, visits) blocks of teacher tensors above it.
@@ -98,10 +111,11 @@ def check_cache_size(model: nn.Module, blocks: torch.Tensor, visits: int, max_ca
     if blocks.dim() != 2 or not layers:
         return  # the loop and _added_parameters name what is wrong
     hidden = getattr(getattr(model, "config", None), "hidden_size", layers[0].num_heads * layers[0].head_dim)
-    numbers = sum(
-        (layer.num_heads + 2 * layer.num_kv_heads) * layer.head_dim + hidden * (2 if layer.gate is not None else 1)
-        for layer in layers
-    )
+    numbers = 0
+    for layer in layers:
+        target = hidden if compare == "output" else layer.num_heads * layer.head_dim
+        gate_input = hidden if layer.gate is not None else 0
+        numbers += (layer.num_heads + 2 * layer.num_kv_heads) * layer.head_dim + target + gate_input
     element = next(iter(layers[0].parameters())).element_size()
     block = numbers * blocks.shape[1] * element
     count = min(len(blocks), visits)
@@ -113,11 +127,20 @@ def check_cache_size(model: nn.Module, blocks: torch.Tensor, visits: int, max_ca
         )
 
 
+def check_compare(compare: str) -> None:
+    """Raises ConfigError unless ``compare`` is one of :data:`COMPARED`."""
+    if compare not in COMPARED:
+        raise ConfigError(f"compare must be one of {list(COMPARED)}, got {compare!r}")
+
+
 def cached_layer_losses(cache: TeacherCache, batch: torch.Tensor) -> list[torch.Tensor]:
-    """MSE(linear output, softmax output) [] of every layer on ``batch`` [B, T] token ids, from ``cache``."""
+    """MSE(linear output, softmax output) [] of every layer on ``batch`` [B, T] token ids, from ``cache``
+    (compared where ``cache.compare`` says)."""
     return [
-        F.mse_loss(_layer_output(layer, tensors).float(), tensors.target.float())
-        for layer, tensors in zip(cache.layers, cache.layer_tensors(batch))
+        F.mse_loss(
+            _layer_output(layer, layer.attend(t.q, t.k, t.v, t.valid), t.x, cache.compare).float(), t.target.float()
+        )
+        for layer, t in zip(cache.layers, cache.layer_tensors(batch))
     ]
 
 
@@ -139,32 +162,48 @@ def cached_transfer_loss(cache: TeacherCache) -> Callable[[nn.Module, torch.Tens
     return summed_mse
 
 
-def _layer_output(layer: LinearAttention, tensors: LayerTensors) -> torch.Tensor:
-    """``layer``'s output [B, T, D] from its cached q, k, v: what its forward computes after projection and RoPE."""
-    b, _, t, _ = tensors.q.shape
-    o = layer.attend(tensors.q, tensors.k, tensors.v, tensors.valid)  # [B, H, T, d]
+def _layer_output(layer: LinearAttention, o: torch.Tensor, x: torch.Tensor | None, compare: str) -> torch.Tensor:
+    """``layer``'s forward after its attention o [B, H, T, d]: the output gate (reading x [B, T, D]), then with
+    ``compare="output"`` the output projection. Returns [B, T, D], or [B, T, H·d] for "attention"."""
+    b, _, t, _ = o.shape
     o = o.transpose(1, 2).reshape(b, t, layer.num_heads * layer.head_dim)  # [B, T, H·d]
-    if layer.gate is not None and layer.group_norm is not None and tensors.x is not None:
+    if layer.gate is not None and layer.group_norm is not None and x is not None:
         normed = layer.group_norm(o.reshape(b * t, -1)).view(b, t, -1)  # [B, T, H·d]
-        o = normed * F.silu(layer.gate(tensors.x))
-    return layer.spec.output(layer, o)
+        o = normed * F.silu(layer.gate(x))
+    return layer.spec.output(layer, o) if compare == "output" else o
 
 
 @contextlib.contextmanager
-def _softmax_stand_ins(layers: list[LinearAttention], recorded: dict[int, LayerTensors]) -> Iterator[None]:
+def projection_inputs(layer: LinearAttention) -> Iterator[list[torch.Tensor]]:
+    """Inside, every input [B, T, H·d] of ``layer``'s output projection (shared with its original) is appended to
+    the yielded list, in call order."""
+    seen: list[torch.Tensor] = []
+    handle = layer.spec.output_projection(layer).register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def _softmax_stand_ins(
+    layers: list[LinearAttention], recorded: dict[int, LayerTensors], compare: str
+) -> Iterator[None]:
     """Inside, ``layers[i]`` runs its original softmax module and puts its tensors [1, ...] in ``recorded[i]``."""
 
     def stand_in(i: int, layer: LinearAttention) -> Callable[..., tuple[torch.Tensor, None]]:
         def forward(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
             named = _arguments(layer.original, args, kwargs)
             x = named["hidden_states"]  # [1, T, D]
-            target = layer.original.train(layer.training)(*args, **kwargs)[0]  # [1, T, D]
+            with projection_inputs(layer) as attention:
+                output = layer.original.train(layer.training)(*args, **kwargs)[0]  # [1, T, D]
             q, k, v = layer.spec.project(layer, x)
             if layer.spec.rotary is not None:
                 q, k = layer.spec.rotary(q, k, *named["position_embeddings"])
             valid = key_padding(named.get("attention_mask"), x.shape[1])
+            target = output if compare == "output" else attention[0]  # [1, T, D] or [1, T, H·d]
             recorded[i] = LayerTensors(q, k, v, x if layer.gate is not None else None, valid, target)
-            return target, None
+            return output, None
 
         return forward
 

@@ -121,6 +121,14 @@ def test_block_order_is_a_permutation_per_epoch_and_depends_only_on_the_position
     assert BlockOrder(7, seed=5, shuffle=False).indices(5, 4).tolist() == [5, 6, 0, 1]
 
 
+def test_each_seed_has_its_own_order_and_seed_zero_keeps_its_order():
+    orders = {tuple(BlockOrder(16, seed=seed, shuffle=True).indices(0, 16).tolist()) for seed in range(6)}
+    assert len(orders) == 6  # torch keeps the seed's low 32 bits only: (seed << 32) + epoch gave one order for all
+    for epoch in (0, 3):
+        expected = torch.randperm(16, generator=torch.Generator().manual_seed(epoch))
+        assert torch.equal(BlockOrder(16, seed=0, shuffle=True).indices(16 * epoch, 16), expected)
+
+
 @pytest.mark.parametrize(
     ("settings", "field"),
     [

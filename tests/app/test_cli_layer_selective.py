@@ -108,4 +108,4 @@ def test_rank_by_passkey_on_the_command_line(long_tiny, text_file, tmp_path, cap
     short = [*argv, "--rank-layers", "1", "--rank-by", "passkey", "--rank-passkey-length", "50"]
     assert cli.main([str(a) for a in [*short, "--output", tmp_path / "short"]]) == 2
     err = capsys.readouterr().err
-    assert "total_tokens=50" in err and "Traceback" not in err
+    assert "--rank-passkey-length 50: total_tokens=50" in err and "Traceback" not in err

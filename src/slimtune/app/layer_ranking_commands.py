@@ -43,6 +43,7 @@ def keep_best_softmax_layers(
     """
     from slimtune.linear_attention import linear_attention_layers, restore_softmax
     from slimtune.training import rank_softmax_layers, rank_softmax_layers_for_retrieval, top_softmax_layers
+    from slimtune.training.long_context import check_context
 
     count = len(list(linear_attention_layers(model)))
     if not 0 <= k < count:
@@ -53,8 +54,12 @@ def keep_best_softmax_layers(
     if rank_by not in RANK_BY:
         raise ConfigError(f"--rank-by {rank_by!r} is not allowed: expected one of {list(RANK_BY)}")
     if rank_by == "passkey":
+        check_context(model, "--rank-passkey-length", passkey_length)
         print(f"ranking {count} linearised layers by the passkey loss on 6 prompts of {passkey_length} tokens")
-        ranking = rank_softmax_layers_for_retrieval(model, tokenizer, lengths=(passkey_length,))
+        try:
+            ranking = rank_softmax_layers_for_retrieval(model, tokenizer, lengths=(passkey_length,))
+        except ConfigError as err:  # a length the prompt does not fit: name the option
+            raise ConfigError(f"--rank-passkey-length {passkey_length}: {err}") from err
     else:
         if blocks is None:
             raise ConfigError(

@@ -44,6 +44,7 @@ def cmd_linearize(args: argparse.Namespace) -> int:
         raise ConfigError(f"adapter options {sorted(adapter_values)} need --method")
     adapter = adapter_config(args.method, adapter_values) if args.method else None
     check_int("transfer_blocks", args.transfer_blocks)
+    check_int("rank_passkey_length", args.rank_passkey_length)
     if args.rank_layers is not None and args.rank_layers < 0:  # the upper bound needs the model (its layer count)
         raise ConfigError(f"--rank-layers {args.rank_layers} is not allowed: expected an integer >= 0")
     check_number("window_dropout", args.window_dropout, at_least=0, below=1)

@@ -136,6 +136,17 @@ def perturbed_conversion(model: nn.Module, config: Any) -> nn.Module:
     return converted
 
 
+@torch.no_grad()
+def greedy_by_full_forwards(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """``prompt`` [B, T] followed by ``new_tokens`` greedy tokens, each from a full forward without cache:
+    the reference ``generate`` must reproduce. Returns [B, T + new_tokens]."""
+    ids = prompt
+    for _ in range(new_tokens):
+        next_token = model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, next_token], dim=1)
+    return ids
+
+
 def model_input(model: nn.Module, seed: int = 1) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     if isinstance(model, TinyMLP):

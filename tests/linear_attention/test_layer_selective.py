@@ -19,7 +19,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.masking_utils import find_first_full_attention_index
 
-from cases import tiny_llama
+from cases import greedy_by_full_forwards, tiny_llama
 from slimtune.errors import ConfigError
 from slimtune.linear_attention import (
     LinearAttention,
@@ -112,10 +112,7 @@ def test_the_mask_covers_every_token_seen_only_when_a_softmax_layer_needs_it():
 def test_generate_equals_greedy_decoding_by_full_forwards(layers, kind):
     model = hybrid(layers, kind)
     prompt = token_blocks(2, 6)
-    ids = prompt
-    for _ in range(6):
-        next_token = model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-        ids = torch.cat([ids, next_token], dim=1)
+    ids = greedy_by_full_forwards(model, prompt, 6)
     settings = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
     assert torch.equal(model.generate(prompt, **settings), ids)
     assert torch.equal(model.generate(prompt, past_key_values=LinearAttentionCache(), **settings), ids)

@@ -11,6 +11,7 @@ import torch
 from test_linearize import TINY, token_blocks
 from transformers import DynamicCache
 
+from cases import greedy_by_full_forwards
 from slimtune.errors import ConfigError
 from slimtune.linear_attention import (
     LinearAttentionCache,
@@ -70,10 +71,7 @@ def test_cached_decoding_matches_for_every_layer_variant(name):
 def test_generate_equals_greedy_decoding_by_full_forwards(arch):
     model = randomize_new_parameters(linearize(TINY[arch]()))
     prompt = token_blocks(2, 6)
-    ids = prompt
-    for _ in range(7):
-        next_token = model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-        ids = torch.cat([ids, next_token], dim=1)
+    ids = greedy_by_full_forwards(model, prompt, 7)
     settings = {"max_new_tokens": 7, "do_sample": False, "pad_token_id": 0}
     assert torch.equal(model.generate(prompt, **settings), ids)
     assert torch.equal(model.generate(prompt, past_key_values=LinearAttentionCache(), **settings), ids)

@@ -13,7 +13,9 @@ Rows (``--rows``):
 - hybrid, no window dropout: the same, p0 = 0 (the ablation of the dropout);
 - pure linear: no window; attention transfer, then LM fine-tuning of LoRA and the linear parameters;
 - layer-selective: the hybrid with the layers of ``--softmax-layers`` kept softmax (``slimtune linearize
-  --rank-layers K`` ranks them), trained as the hybrid.
+  --rank-layers K`` ranks them), trained as the hybrid;
+- layer-selective, linear branch off: the same layers softmax, the others window + sinks only (g = 0), trained as
+  the window-only row (the ablation of the linear branch in a layer-selective model).
 
 Every trained row gets the same steps, batch, learning rates, LoRA (r = ``--lora-r`` on every projection, seed 0) and
 blocks of ``--seq-len`` tokens. The feature map is ``LinearizeConfig``'s default unless ``--feature-map``.
@@ -49,7 +51,9 @@ ROWS = (
     "hybrid, no window dropout",
     "pure linear",
     "layer-selective",
+    "layer-selective, linear branch off",
 )
+WINDOW_ONLY = ("window + sinks only", "layer-selective, linear branch off")  # rows with the linear branch off
 
 
 def conversion(row: str, args: argparse.Namespace) -> LinearizeConfig | None:
@@ -59,14 +63,14 @@ def conversion(row: str, args: argparse.Namespace) -> LinearizeConfig | None:
         return None
     if row == "pure linear":
         return LinearizeConfig(**common)
-    selective = args.softmax_layers if row == "layer-selective" else None
+    selective = args.softmax_layers if row.startswith("layer-selective") else None
     return LinearizeConfig(window=args.window, sink_tokens=args.sinks, softmax_layers=selective, **common)
 
 
 @contextlib.contextmanager
 def branch(row: str, model: torch.nn.Module) -> Iterator[None]:
-    """The linear branch off for the window-only row, as it is for the others."""
-    if row == "window + sinks only":
+    """The linear branch off for the window-only rows, as it is for the others."""
+    if row in WINDOW_ONLY:
         with linear_part_off(model):
             yield
     else:
@@ -77,7 +81,7 @@ def train(row: str, model: torch.nn.Module, blocks: torch.Tensor, args: argparse
     """Recover ``model`` as ``row`` prescribes; returns the stages' seconds and tokens."""
     start = time.perf_counter()
     record: dict = {}
-    if row != "window + sinks only" and args.transfer_steps:
+    if row not in WINDOW_ONLY and args.transfer_steps:
         transfer_blocks = blocks[: args.transfer_blocks]  # cached teacher tensors: 180 KiB a token
         transfer = attention_transfer(
             model,
@@ -100,7 +104,7 @@ def train(row: str, model: torch.nn.Module, blocks: torch.Tensor, args: argparse
             batch_size=args.batch,
             lr=args.finetune_lr,
             adapter=adapter,
-            train_linear_attention=row != "window + sinks only",
+            train_linear_attention=row not in WINDOW_ONLY,
             warmup=max(1, args.finetune_steps // 10),
             window_dropout=dropout,
         )
@@ -135,7 +139,8 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--sinks", type=int, default=4)
     parser.add_argument("--softmax-layers", type=int, nargs="+", default=None, help="for the layer-selective row")
-    parser.add_argument("--seq-len", type=int, default=1024, help="tokens per training and held-out block")
+    parser.add_argument("--seq-len", type=int, default=1024, help="tokens per training block")
+    parser.add_argument("--held-out-len", type=int, default=None, help="tokens per held-out block (--seq-len)")
     parser.add_argument("--train-blocks", type=int, default=64)
     parser.add_argument("--held-out-blocks", type=int, default=4)
     parser.add_argument("--batch", type=int, default=1)
@@ -155,14 +160,14 @@ def main() -> None:
     parser.add_argument("--prefill-length", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
-    if "layer-selective" in args.rows and not args.softmax_layers:
+    if any(row.startswith("layer-selective") for row in args.rows) and not args.softmax_layers:
         parser.error("the layer-selective row needs --softmax-layers (rank them with slimtune linearize --rank-layers)")
     if args.threads:
         torch.set_num_threads(args.threads)
     tokenizer = load_smollm2_tokenizer()
     data = {
         "train": lm_blocks(tokenizer, "train", args.seq_len, args.train_blocks),
-        "held_out": lm_blocks(tokenizer, "validation", args.seq_len, args.held_out_blocks),
+        "held_out": lm_blocks(tokenizer, "validation", args.held_out_len or args.seq_len, args.held_out_blocks),
         "position": lm_blocks(tokenizer, "test", args.position_length, args.position_blocks),
     }
     summaries: list[dict] = []

@@ -40,7 +40,7 @@ def test_rank_layers_keeps_the_best_layer_softmax_and_eval_loads_it(tiny, text_f
     out = tmp_path / "ranked"
     record = linearize(tiny, text_file, held_out, out, "--rank-layers", "1", "--window", "4", "--sink-tokens", "1")
     printed = capsys.readouterr().out
-    assert "ranking 2 linearised layers on 4 held-out blocks (3 evaluations)" in printed
+    assert "ranking 2 linearised layers by the loss on 4 held-out blocks (3 evaluations)" in printed
     assert "| layer | loss with its softmax restored | drop vs all-linear | kept as softmax |" in printed
     ranking = record["layer_ranking"]
     assert sorted(r["layer"] for r in ranking) == [0, 1] and ranking[0]["drop"] >= ranking[1]["drop"]
@@ -60,6 +60,21 @@ def test_softmax_layers_option_and_a_ranking_of_the_rest(tiny, text_file, held_o
     assert eval_loss(tiny, out / "linear_attention", held_out, capsys) == pytest.approx(stages["fine-tuned"], rel=1e-4)
 
 
+def test_rank_search_greedy_keeps_the_chosen_layer_and_records_the_steps(tiny, text_file, held_out, tmp_path, capsys):
+    out = tmp_path / "greedy"
+    options = ["--rank-layers", "1", "--rank-search", "greedy", "--window", "4", "--sink-tokens", "1"]
+    record = linearize(tiny, text_file, held_out, out, *options)
+    printed = capsys.readouterr().out
+    assert "choosing 1 of 2 linearised layers one at a time by the loss on 4 held-out blocks (3 evaluations)" in printed
+    assert "| step | layer | loss with the layers so far restored | drop vs the step before |" in printed
+    (step,) = record["layer_ranking"]
+    assert record["rank_search"] == "greedy" and step["kept"]
+    assert record["linearize_config"]["softmax_layers"] == [step["layer"]]
+    stages = {entry["stage"]: entry["loss"] for entry in record["held_out_loss"]}
+    assert stages["linearized"] == pytest.approx(step["loss"], rel=1e-5)
+    assert eval_loss(tiny, out / "linear_attention", held_out, capsys) == pytest.approx(stages["fine-tuned"], rel=1e-4)
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
@@ -69,6 +84,8 @@ def test_softmax_layers_option_and_a_ranking_of_the_rest(tiny, text_file, held_o
         (["--softmax-layers", "2"], "softmax_layers=[2] is not allowed for this LlamaForCausalLM: it has 2 attention"),
         (["--softmax-layers", "0", "0"], "softmax_layers=[0, 0] is not allowed: expected a list of distinct integers"),
         (["--softmax-layers", "0", "1"], "leaving none to linearise"),
+        (["--rank-search", "greedy"], "--rank-search greedy needs --rank-layers K (K >= 1)"),
+        (["--rank-layers", "0", "--rank-search", "greedy"], "--rank-search greedy chooses nothing"),
     ],
 )
 def test_bad_layer_options_end_in_one_line(tiny, text_file, held_out, tmp_path, capsys, options, message):

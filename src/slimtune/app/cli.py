@@ -30,7 +30,13 @@ from slimtune.app.commands import (
 )
 from slimtune.app.data_options import DATA_HELP, TOO_LONG_HELP
 from slimtune.app.file_commands import cmd_export, cmd_import, cmd_merge, cmd_models
-from slimtune.app.layer_ranking_commands import RANK_BY, RANK_BY_HELP, RANK_LAYERS_HELP
+from slimtune.app.layer_ranking_commands import (
+    RANK_BY,
+    RANK_BY_HELP,
+    RANK_LAYERS_HELP,
+    RANK_SEARCH,
+    RANK_SEARCH_HELP,
+)
 from slimtune.app.linearize_commands import cmd_linearize
 from slimtune.app.options import METHOD_CHOICES, add_config_options, option
 from slimtune.app.quantized_base import QUANTIZE_CHOICES, QUANTIZE_HELP, quiet_bitsandbytes_notice
@@ -192,6 +198,7 @@ def _add_linearize(sub: Any) -> None:
     option(p, taken, "method", default=None, choices=METHOD_CHOICES, help=adapter_help)
     option(p, taken, "rank_layers", type=int, default=None, metavar="K", help=RANK_LAYERS_HELP)
     option(p, taken, "rank_by", default="loss", choices=list(RANK_BY), help=RANK_BY_HELP)
+    option(p, taken, "rank_search", default="single", choices=list(RANK_SEARCH), help=RANK_SEARCH_HELP)
     passkey_help = "length in tokens of the passkey prompts --rank-by passkey ranks on"
     option(p, taken, "rank_passkey_length", type=int, default=1024, metavar="N", help=passkey_help)
     option(p, taken, "transfer_compare", default="output", choices=["output", "attention"], help=_COMPARE_HELP)

@@ -1,7 +1,10 @@
 """``slimtune linearize --rank-layers K``: rank the linearised layers by what restoring each one's softmax attention
-gains, on the held-out blocks (``--rank-by loss``, :func:`slimtune.training.rank_softmax_layers`) or on passkey
-prompts (``--rank-by passkey``, :func:`slimtune.training.rank_softmax_layers_for_retrieval`), print the ranking, and
-keep the best K as softmax attention (:func:`slimtune.linear_attention.restore_softmax`) before recovery training."""
+gains, on the held-out blocks (``--rank-by loss``, :func:`slimtune.training.lm_loss_criterion`) or on passkey
+prompts (``--rank-by passkey``, :func:`slimtune.training.passkey_loss_criterion`), print the ranking, and keep the
+best K as softmax attention (:func:`slimtune.linear_attention.restore_softmax`) before recovery training. The K are
+the top K of single-layer gains (``--rank-search single``, :func:`slimtune.training.rank_softmax_layers`), or chosen
+one at a time beside those already kept (``--rank-search greedy``,
+:func:`slimtune.training.select_softmax_layers_greedy`)."""
 
 from __future__ import annotations
 
@@ -22,6 +25,12 @@ RANK_BY_HELP = (
     "6 passkey prompts of --rank-passkey-length tokens, needles at depths 10/50/90 %% (for retrieval)"
 )
 RANK_BY = ("loss", "passkey")
+RANK_SEARCH_HELP = (
+    "how --rank-layers picks its K: single = the K best single-layer gains (one evaluation per layer); greedy = one "
+    "layer at a time, the one that helps most beside those already picked (about K evaluations per layer; finds "
+    "layers that work together, e.g. a retrieval circuit)"
+)
+RANK_SEARCH = ("single", "greedy")
 
 
 def keep_best_softmax_layers(
@@ -32,17 +41,26 @@ def keep_best_softmax_layers(
     rank_by: str = "loss",
     tokenizer: Any = None,
     passkey_length: int = 1024,
+    search: str = "single",
 ) -> list[dict[str, Any]]:
     """Rank the linearised layers of ``model`` by ``rank_by`` ("loss": on ``blocks`` [n, T]; "passkey": on passkey
-    prompts of ``passkey_length`` tokens from ``tokenizer``), print the ranking and restore the top ``k`` to
-    softmax attention for good; returns the ranking as JSON records (layer, loss, drop, kept).
+    prompts of ``passkey_length`` tokens from ``tokenizer``), print the ranking and restore ``k`` to softmax
+    attention for good: the top ``k`` (``search`` "single"), or ``k`` chosen greedily ("greedy"); returns the
+    ranking (single: every layer; greedy: the steps, in order) as JSON records (layer, loss, drop, kept).
 
     Raises:
-        ConfigError: ``rank_by`` unknown, no held-out ``blocks`` for "loss", a ``passkey_length`` the prompt or
-            the model does not fit, or ``k`` not in [0, linearised layers − 1] (one must stay linear).
+        ConfigError: ``rank_by`` or ``search`` unknown, no held-out ``blocks`` for "loss", a ``passkey_length``
+            the prompt or the model does not fit, ``k`` not in [0, linearised layers − 1] (one must stay linear),
+            or ``k`` = 0 with greedy.
     """
     from slimtune.linear_attention import linear_attention_layers, restore_softmax
-    from slimtune.training import rank_softmax_layers, rank_softmax_layers_for_retrieval, top_softmax_layers
+    from slimtune.training import (
+        lm_loss_criterion,
+        passkey_loss_criterion,
+        rank_softmax_layers_by,
+        select_softmax_layers_greedy,
+        top_softmax_layers,
+    )
     from slimtune.training.long_context import check_context
 
     count = len(list(linear_attention_layers(model)))
@@ -53,26 +71,42 @@ def keep_best_softmax_layers(
         )
     if rank_by not in RANK_BY:
         raise ConfigError(f"--rank-by {rank_by!r} is not allowed: expected one of {list(RANK_BY)}")
+    if search not in RANK_SEARCH:
+        raise ConfigError(f"--rank-search {search!r} is not allowed: expected one of {list(RANK_SEARCH)}")
+    if search == "greedy" and k == 0:
+        raise ConfigError("--rank-layers 0 with --rank-search greedy chooses nothing: expected K >= 1")
     if rank_by == "passkey":
         check_context(model, "--rank-passkey-length", passkey_length)
-        print(f"ranking {count} linearised layers by the passkey loss on 6 prompts of {passkey_length} tokens")
         try:
-            ranking = rank_softmax_layers_for_retrieval(model, tokenizer, lengths=(passkey_length,))
+            criterion = passkey_loss_criterion(model, tokenizer, lengths=(passkey_length,))
         except ConfigError as err:  # a length the prompt does not fit: name the option
             raise ConfigError(f"--rank-passkey-length {passkey_length}: {err}") from err
+        on = f"the passkey loss on 6 prompts of {passkey_length} tokens"
     else:
         if blocks is None:
             raise ConfigError(
                 "--rank-layers needs held-out data to rank the layers on: pass --eval-data (or --data bbc), "
                 "or rank by --rank-by passkey"
             )
-        print(f"ranking {count} linearised layers on {len(blocks)} held-out blocks ({count + 1} evaluations)")
-        ranking = rank_softmax_layers(model, blocks, batch_size)
-    kept = top_softmax_layers(ranking, k)
+        criterion = lm_loss_criterion(model, blocks, batch_size)
+        on = f"the loss on {len(blocks)} held-out blocks"
     what = "passkey loss" if rank_by == "passkey" else "loss"
-    print(f"| layer | {what} with its softmax restored | drop vs all-linear | kept as softmax |")
-    print("|---:|---:|---:|:---:|")
-    for rank in ranking:
-        print(f"| {rank.layer} | {rank.loss:.4f} | {rank.drop:+.4f} | {'yes' if rank.layer in kept else ''} |")
+    if search == "greedy":
+        evaluations = 1 + sum(count - i for i in range(k))
+        print(f"choosing {k} of {count} linearised layers one at a time by {on} ({evaluations} evaluations)")
+        ranking = select_softmax_layers_greedy(model, criterion, k)
+        header = f"| step | layer | {what} with the layers so far restored | drop vs the step before |"
+        rows = [f"| {i} | {r.layer} | {r.loss:.4f} | {r.drop:+.4f} |" for i, r in enumerate(ranking, 1)]
+    else:
+        print(f"ranking {count} linearised layers by {on} ({count + 1} evaluations)")
+        ranking = rank_softmax_layers_by(model, criterion)
+        header = f"| layer | {what} with its softmax restored | drop vs all-linear | kept as softmax |"
+        rows = [
+            f"| {r.layer} | {r.loss:.4f} | {r.drop:+.4f} | {'yes' if i < k else ''} |" for i, r in enumerate(ranking)
+        ]
+    kept = top_softmax_layers(ranking, k)
+    print(header)
+    print("|---:|---:|---:|---:|" if search == "greedy" else "|---:|---:|---:|:---:|")
+    print("\n".join(rows))
     restore_softmax(model, kept)
     return [{"layer": r.layer, "loss": r.loss, "drop": r.drop, "kept": r.layer in kept} for r in ranking]

@@ -45,6 +45,8 @@ def cmd_linearize(args: argparse.Namespace) -> int:
     adapter = adapter_config(args.method, adapter_values) if args.method else None
     check_int("transfer_blocks", args.transfer_blocks)
     check_int("rank_passkey_length", args.rank_passkey_length)
+    if args.rank_search == "greedy" and args.rank_layers is None:
+        raise ConfigError("--rank-search greedy needs --rank-layers K (K >= 1): the layers it chooses")
     if args.rank_layers is not None and args.rank_layers < 0:  # the upper bound needs the model (its layer count)
         raise ConfigError(f"--rank-layers {args.rank_layers} is not allowed: expected an integer >= 0")
     check_number("window_dropout", args.window_dropout, at_least=0, below=1)
@@ -74,6 +76,7 @@ def cmd_linearize(args: argparse.Namespace) -> int:
             rank_by=args.rank_by,
             tokenizer=tokenizer,
             passkey_length=args.rank_passkey_length,
+            search=args.rank_search,
         )
     measure("linearized")
     stage = {"batch_size": args.batch_size, "warmup": args.warmup}
@@ -110,6 +113,7 @@ def cmd_linearize(args: argparse.Namespace) -> int:
         "linearize_config": linearize_config(model).to_dict(),
         "layer_ranking": ranking,
         "rank_by": args.rank_by if ranking is not None else None,
+        "rank_search": args.rank_search if ranking is not None else None,
         "adapter_config": adapter.to_dict() if adapter else None,
         "held_out_loss": [{"stage": stage, "loss": loss} for stage, loss in losses.items()],
         "transfer_steps": args.transfer_steps,

@@ -29,8 +29,12 @@ from slimtune.training.data import Example, load_texts, pack_examples, pack_for_
 from slimtune.training.evaluate import evaluate_lm, evaluate_loss
 from slimtune.training.layer_ranking import (
     LayerRank,
+    lm_loss_criterion,
+    passkey_loss_criterion,
     rank_softmax_layers,
+    rank_softmax_layers_by,
     rank_softmax_layers_for_retrieval,
+    select_softmax_layers_greedy,
     top_softmax_layers,
 )
 from slimtune.training.long_context import (
@@ -75,6 +79,7 @@ __all__ = [
     "evaluate_loss",
     "finetune",
     "k_shot",
+    "lm_loss_criterion",
     "load_texts",
     "loss_weight",
     "macro_f1",
@@ -83,14 +88,17 @@ __all__ = [
     "pack_for_lm",
     "packing_leak",
     "passkey_accuracy",
+    "passkey_loss_criterion",
     "passkey_prompt",
     "position_losses",
     "predict",
     "prefill_cost",
     "rank_softmax_layers",
+    "rank_softmax_layers_by",
     "rank_softmax_layers_for_retrieval",
     "read_chat_jsonl",
     "read_text_file",
+    "select_softmax_layers_greedy",
     "top_softmax_layers",
     "train",
     "train_lm",

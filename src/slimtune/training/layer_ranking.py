@@ -9,7 +9,12 @@ turn (:func:`slimtune.linear_attention.softmax_restored`), against the all-linea
 
 A layer-selective hybrid keeps the top k as softmax (``LinearizeConfig.softmax_layers``, or
 :func:`slimtune.linear_attention.restore_softmax` on the ranked model). Ranking costs one evaluation per linearised
-layer, plus one. It lives in training, not in the core, because it evaluates losses.
+layer, plus one.
+
+The top k of single-layer gains ignores how layers work together (a retrieval circuit spans several layers):
+:func:`select_softmax_layers_greedy` adds one layer at a time, the one whose softmax restored beside those chosen
+lowers the loss most, at about k evaluations per layer. Its loss is either criterion: :func:`lm_loss_criterion` or
+:func:`passkey_loss_criterion`. All of this lives in training, not in the core, because it evaluates losses.
 """
 
 from __future__ import annotations
@@ -41,35 +46,27 @@ class LayerRank:
     drop: float
 
 
-def rank_softmax_layers(
-    model: nn.Module, blocks: torch.Tensor, batch_size: int = 4, progress: bool = True
-) -> list[LayerRank]:
-    """One :class:`LayerRank` per linearised layer of ``model``, largest drop first (ties: lower index first).
-
-    ``blocks`` [n, T] token ids, evaluated in batches of ``batch_size`` (:func:`evaluate_lm`); the model is left
-    as it was, also on an error. ``progress``: a tqdm bar over the evaluations (on stderr).
-
-    Raises:
-        ConfigError: ``model`` is not linearised, or bad ``blocks``.
-    """
-    return _rank(model, lambda: evaluate_lm(model, blocks, batch_size), progress)
+def lm_loss_criterion(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> Callable[[], float]:
+    """A criterion for the ranking functions: the held-out LM loss of ``model`` on ``blocks`` [n, T] token ids,
+    evaluated in batches of ``batch_size`` (:func:`evaluate_lm`)."""
+    return lambda: evaluate_lm(model, blocks, batch_size)
 
 
-def rank_softmax_layers_for_retrieval(
+def passkey_loss_criterion(
     model: nn.Module,
     tokenizer: Any,
     lengths: Sequence[int] = (1024,),
     depths: Sequence[float] = (0.1, 0.5, 0.9),
     keys_per_cell: int = 2,
     seed: int = RETRIEVAL_SEED,
-    progress: bool = True,
-) -> list[LayerRank]:
-    """As :func:`rank_softmax_layers`, by the passkey loss: the mean over prompts of −log p(key | prompt).
+) -> Callable[[], float]:
+    """A criterion for the ranking functions: the passkey loss of ``model``, the mean over prompts of
+    −log p(key | prompt), in eval mode (the model's mode is restored afterwards).
 
     ``keys_per_cell`` prompts per (length, depth) (:func:`passkey_prompt`), keys drawn from 10000 .. 99999 by a
-    generator seeded with ``seed`` (by default one no evaluation uses, so the ranking does not see the test's keys).
-    The same prompts score every candidate. Every needle should lie beyond the softmax window (lengths well above
-    it), or the window alone retrieves it.
+    generator seeded with ``seed`` (by default one no evaluation uses, so a ranking does not see the test's keys).
+    Every call scores the same prompts. Every needle should lie beyond the softmax window (lengths well above it),
+    or the window alone retrieves it.
 
     Raises:
         ConfigError: ``model`` is not linearised; empty or invalid ``lengths`` / ``depths``; a length above the
@@ -97,20 +94,104 @@ def rank_softmax_layers_for_retrieval(
         finally:
             model.train(was_training)
 
-    return _rank(model, passkey_loss, progress)
+    return passkey_loss
 
 
-def _rank(model: nn.Module, loss: Callable[[], float], progress: bool) -> list[LayerRank]:
-    """``loss()`` of the all-linear model, then with each linearised layer's softmax restored alone; sorted."""
+def rank_softmax_layers(
+    model: nn.Module, blocks: torch.Tensor, batch_size: int = 4, progress: bool = True
+) -> list[LayerRank]:
+    """One :class:`LayerRank` per linearised layer of ``model``, largest drop first (ties: lower index first), by
+    the held-out LM loss on ``blocks`` [n, T] (:func:`lm_loss_criterion`).
+
+    The model is left as it was, also on an error. ``progress``: a tqdm bar over the evaluations (on stderr).
+
+    Raises:
+        ConfigError: ``model`` is not linearised, or bad ``blocks``.
+    """
+    return rank_softmax_layers_by(model, lm_loss_criterion(model, blocks, batch_size), progress)
+
+
+def rank_softmax_layers_for_retrieval(
+    model: nn.Module,
+    tokenizer: Any,
+    lengths: Sequence[int] = (1024,),
+    depths: Sequence[float] = (0.1, 0.5, 0.9),
+    keys_per_cell: int = 2,
+    seed: int = RETRIEVAL_SEED,
+    progress: bool = True,
+) -> list[LayerRank]:
+    """As :func:`rank_softmax_layers`, by the passkey loss (:func:`passkey_loss_criterion`, whose arguments these
+    are, and whose errors it raises).
+    """
+    criterion = passkey_loss_criterion(model, tokenizer, lengths, depths, keys_per_cell, seed)
+    return rank_softmax_layers_by(model, criterion, progress)
+
+
+def select_softmax_layers_greedy(
+    model: nn.Module,
+    criterion: Callable[[], float],
+    k: int,
+    candidates: Sequence[int] | None = None,
+    progress: bool = True,
+) -> list[LayerRank]:
+    """Choose ``k`` linearised layers of ``model`` to keep softmax, one at a time: each step restores, beside those
+    already chosen, the candidate that gives the lowest ``criterion()`` (ties: lower index first).
+
+    Returns one :class:`LayerRank` per step, in the order chosen: ``loss`` is the criterion with the layers chosen
+    so far restored, ``drop`` what that step gained over the step before (the first: over the all-linear model), so
+    :func:`top_softmax_layers` on it gives the first k chosen. ``candidates``: the layer indices to choose from
+    (default: every linearised layer), e.g. the best of a single-layer ranking, to save evaluations: it costs
+    1 + Σ_{i<k} (candidates − i) of them. The model is left as it was, also on an error.
+
+    Raises:
+        ConfigError: ``model`` is not linearised; a candidate that is not one of its linearised layers, or a
+            repeated one; ``k`` not in [1, number of candidates].
+    """
+    linearize_config(model)
+    linearised = [layer.layer_idx for _, layer in linear_attention_layers(model)]
+    pool = list(linearised if candidates is None else candidates)
+    unknown = sorted(set(pool) - set(linearised))
+    if unknown or len(set(pool)) != len(pool):
+        raise ConfigError(
+            f"candidates={list(pool)} is not allowed: expected distinct indices of linearised layers, from "
+            f"{linearised}" + (f" ({unknown} are not)" if unknown else " (some repeat)")
+        )
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(pool):
+        raise ConfigError(f"k={k!r} is not allowed: expected an integer in [1, {len(pool)}] (the candidates)")
+    evaluations = 1 + sum(len(pool) - i for i in range(k))
+    chosen: list[LayerRank] = []
+    with tqdm(total=evaluations, desc="choosing layers", unit="eval", disable=not progress) as bar:
+        previous = criterion()
+        bar.update()
+        for _ in range(k):
+            kept = [rank.layer for rank in chosen]
+            trials = []
+            for index in sorted(set(pool) - set(kept)):
+                with softmax_restored(model, [*kept, index]):
+                    trials.append((criterion(), index))
+                bar.update()
+            loss, index = min(trials)
+            chosen.append(LayerRank(layer=index, loss=loss, drop=previous - loss))
+            previous = loss
+    return chosen
+
+
+def rank_softmax_layers_by(model: nn.Module, criterion: Callable[[], float], progress: bool = True) -> list[LayerRank]:
+    """As :func:`rank_softmax_layers`, by any ``criterion()`` (lower is better): evaluated for the all-linear model,
+    then with each linearised layer's softmax restored alone.
+
+    Raises:
+        ConfigError: ``model`` is not linearised.
+    """
     linearize_config(model)
     indices = [layer.layer_idx for _, layer in linear_attention_layers(model)]
     with tqdm(total=len(indices) + 1, desc="ranking layers", unit="eval", disable=not progress) as bar:
-        base = loss()
+        base = criterion()
         bar.update()
         ranking = []
         for index in indices:
             with softmax_restored(model, [index]):
-                value = loss()
+                value = criterion()
             ranking.append(LayerRank(layer=index, loss=value, drop=base - value))
             bar.update()
     return sorted(ranking, key=lambda rank: (-rank.drop, rank.layer))

@@ -5,6 +5,8 @@ window, loss by position bucket, cache bytes and prefill seconds at ``--prefill-
 Rows (``--rows``):
 
 - original: softmax attention, untrained (the ceiling);
+- original, fine-tuned: softmax attention with the LM fine-tuning of the other rows (LoRA alone): what the recipe
+  itself does to perplexity and retrieval;
 - window + sinks only: the hybrid (``--window``, ``--sinks``) with its linear branch off (g = 0) in training and
   evaluation; LM fine-tuning trains the LoRA adapter alone (the linear parameters are unused);
 - hybrid: attention transfer (``--transfer-steps`` over the first ``--transfer-blocks`` training blocks, with cached
@@ -17,8 +19,9 @@ Rows (``--rows``):
 - layer-selective, linear branch off: the same layers softmax, the others window + sinks only (g = 0), trained as
   the window-only row (the ablation of the linear branch in a layer-selective model).
 
-Every trained row gets the same steps, batch, learning rates, LoRA (r = ``--lora-r`` on every projection, seed 0) and
-blocks of ``--seq-len`` tokens. The feature map is ``LinearizeConfig``'s default unless ``--feature-map``.
+Every trained row gets the same steps, batch, learning rates, LoRA (r = ``--lora-r`` on every projection, seed 0;
+``--lora-r 0``: no LoRA, the linear parameters alone) and blocks of ``--seq-len`` tokens; ``--finetune-steps 0``
+stops after the attention transfer. The feature map is ``LinearizeConfig``'s default unless ``--feature-map``.
 
 Run: ``.venv/bin/python benchmarks/long_context_recovery.py --softmax-layers 3 7 ...`` (see ``--help``). Writes
 ``benchmarks/results/long-context-recovery-*.json`` and prints the table.
@@ -46,6 +49,7 @@ from slimtune.training.recovery import attention_transfer, finetune
 
 ROWS = (
     "original",
+    "original, fine-tuned",
     "window + sinks only",
     "hybrid",
     "hybrid, no window dropout",
@@ -59,7 +63,7 @@ WINDOW_ONLY = ("window + sinks only", "layer-selective, linear branch off")  # r
 def conversion(row: str, args: argparse.Namespace) -> LinearizeConfig | None:
     """The LinearizeConfig of ``row`` (None for the original)."""
     common = {"feature_map": args.feature_map, "m": args.m}
-    if row == "original":
+    if row.startswith("original"):
         return None
     if row == "pure linear":
         return LinearizeConfig(**common)
@@ -81,7 +85,8 @@ def train(row: str, model: torch.nn.Module, blocks: torch.Tensor, args: argparse
     """Recover ``model`` as ``row`` prescribes; returns the stages' seconds and tokens."""
     start = time.perf_counter()
     record: dict = {}
-    if row not in WINDOW_ONLY and args.transfer_steps:
+    linearised = not row.startswith("original")
+    if linearised and row not in WINDOW_ONLY and args.transfer_steps:
         transfer_blocks = blocks[: args.transfer_blocks]  # cached teacher tensors: 180 KiB a token
         transfer = attention_transfer(
             model,
@@ -93,7 +98,10 @@ def train(row: str, model: torch.nn.Module, blocks: torch.Tensor, args: argparse
             compare=args.transfer_compare,
         )
         record |= {"transfer_s": transfer.seconds, "transfer_tokens": transfer.tokens, "transfer_mse": transfer.losses}
-    adapter = st.LoraConfig(r=args.lora_r, alpha=2 * args.lora_r, target_modules=LORA_TARGETS)
+    adapter = st.LoraConfig(r=args.lora_r, alpha=2 * args.lora_r, target_modules=LORA_TARGETS) if args.lora_r else None
+    train_linear = linearised and row not in WINDOW_ONLY
+    if not args.finetune_steps or (adapter is None and not train_linear):  # nothing (more) to train
+        return record | {"seconds": time.perf_counter() - start}
     dropout = args.window_dropout if row in ("hybrid", "layer-selective") else 0.0
     torch.manual_seed(0)
     with branch(row, model):
@@ -104,7 +112,7 @@ def train(row: str, model: torch.nn.Module, blocks: torch.Tensor, args: argparse
             batch_size=args.batch,
             lr=args.finetune_lr,
             adapter=adapter,
-            train_linear_attention=row not in WINDOW_ONLY,
+            train_linear_attention=train_linear,
             warmup=max(1, args.finetune_steps // 10),
             window_dropout=dropout,
         )
@@ -122,6 +130,7 @@ def run_row(row: str, args: argparse.Namespace, data: dict[str, torch.Tensor]) -
     if config is not None:
         torch.manual_seed(0)
         linearize(model, config)
+    if row != "original":
         training = train(row, model, data["train"], args)
     model.eval()
     with branch(row, model):

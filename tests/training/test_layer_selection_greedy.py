@@ -19,6 +19,7 @@ from slimtune.linear_attention import LinearizeConfig, linear_attention_layers, 
 from slimtune.training import (
     lm_loss_criterion,
     rank_softmax_layers,
+    rank_softmax_layers_by,
     select_softmax_layers_greedy,
     top_softmax_layers,
 )
@@ -113,3 +114,13 @@ def test_a_model_that_is_not_linearised_is_refused():
     model = tiny_llama(layers=2)
     with pytest.raises(ConfigError, match="is not linearised"):
         select_softmax_layers_greedy(model, lambda: 0.0, k=1, progress=False)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_criterion_that_is_not_finite_is_refused_naming_the_layers(value):
+    model = linearize(tiny_llama(layers=LAYERS), CONFIG)
+    losses = iter([1.0, 0.9, value])
+    with pytest.raises(ConfigError, match=rf"returned {value} with softmax restored in layers \[1\]"):
+        select_softmax_layers_greedy(model, lambda: next(losses), k=1, progress=False)
+    with pytest.raises(ConfigError, match=rf"returned {value} with softmax restored in layers \[\]"):
+        rank_softmax_layers_by(model, lambda: value, progress=False)

@@ -20,6 +20,7 @@ lowers the loss most, at about k evaluations per layer. Its loss is either crite
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -145,7 +146,7 @@ def select_softmax_layers_greedy(
 
     Raises:
         ConfigError: ``model`` is not linearised; a candidate that is not one of its linearised layers, or a
-            repeated one; ``k`` not in [1, number of candidates].
+            repeated one; ``k`` not in [1, number of candidates]; ``criterion()`` returns NaN or ±inf.
     """
     linearize_config(model)
     linearised = [layer.layer_idx for _, layer in linear_attention_layers(model)]
@@ -161,14 +162,14 @@ def select_softmax_layers_greedy(
     evaluations = 1 + sum(len(pool) - i for i in range(k))
     chosen: list[LayerRank] = []
     with tqdm(total=evaluations, desc="choosing layers", unit="eval", disable=not progress) as bar:
-        previous = criterion()
+        previous = _finite(criterion(), [])
         bar.update()
         for _ in range(k):
             kept = [rank.layer for rank in chosen]
             trials = []
             for index in sorted(set(pool) - set(kept)):
                 with softmax_restored(model, [*kept, index]):
-                    trials.append((criterion(), index))
+                    trials.append((_finite(criterion(), [*kept, index]), index))
                 bar.update()
             loss, index = min(trials)
             chosen.append(LayerRank(layer=index, loss=loss, drop=previous - loss))
@@ -181,20 +182,30 @@ def rank_softmax_layers_by(model: nn.Module, criterion: Callable[[], float], pro
     then with each linearised layer's softmax restored alone.
 
     Raises:
-        ConfigError: ``model`` is not linearised.
+        ConfigError: ``model`` is not linearised, or ``criterion()`` returns NaN or ±inf.
     """
     linearize_config(model)
     indices = [layer.layer_idx for _, layer in linear_attention_layers(model)]
     with tqdm(total=len(indices) + 1, desc="ranking layers", unit="eval", disable=not progress) as bar:
-        base = criterion()
+        base = _finite(criterion(), [])
         bar.update()
         ranking = []
         for index in indices:
             with softmax_restored(model, [index]):
-                value = criterion()
+                value = _finite(criterion(), [index])
             ranking.append(LayerRank(layer=index, loss=value, drop=base - value))
             bar.update()
     return sorted(ranking, key=lambda rank: (-rank.drop, rank.layer))
+
+
+def _finite(value: float, restored: list[int]) -> float:
+    """``value`` if it is a finite number, else a :class:`ConfigError` naming the layers that were softmax."""
+    if not math.isfinite(value):
+        raise ConfigError(
+            f"the criterion returned {value} with softmax restored in layers {sorted(restored)}: expected a finite "
+            "loss (a NaN or infinite loss: check the model's weights and the data)"
+        )
+    return value
 
 
 def top_softmax_layers(ranking: list[LayerRank], k: int) -> list[int]:

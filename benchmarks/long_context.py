@@ -81,7 +81,7 @@ def measure_model(
     losses = position_losses(model, blocks)
     prefill_cost(model, 64)  # warm-up
     seconds, cache = prefill_cost(model, args.prefill_length)
-    config = None if row == "original" else linearize_config(model).to_dict()
+    config = None if row.startswith("original") else linearize_config(model).to_dict()
     summary = {
         "row": row,
         "passkey": passkey.accuracy,

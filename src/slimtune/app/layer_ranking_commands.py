@@ -89,7 +89,7 @@ def keep_best_softmax_layers(
                 "or rank by --rank-by passkey"
             )
         criterion = lm_loss_criterion(model, blocks, batch_size)
-        on = f"the loss on {len(blocks)} held-out blocks"
+        on = f"the loss on {len(blocks)} held-out block{'' if len(blocks) == 1 else 's'}"
     what = "passkey loss" if rank_by == "passkey" else "loss"
     if search == "greedy":
         evaluations = 1 + sum(count - i for i in range(k))

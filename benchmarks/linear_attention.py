@@ -80,6 +80,7 @@ def filled_state_cache(model: torch.nn.Module, length: int) -> LinearAttentionCa
                 k=torch.randn(1, h, kept, d),
                 v=torch.randn(1, h, kept, d),
                 fk=torch.rand(1, h, kept, m),
+                lk=torch.zeros(1, h, kept),  # the window keys' log scales (exact stabiliser): none
                 valid=torch.ones(1, kept, dtype=torch.bool),
                 sink_k=torch.randn(1, h, sinks, d),
                 sink_v=torch.randn(1, h, sinks, d),

@@ -37,7 +37,13 @@ from common import format_table, write_record
 from linear_attention import linear_part_off
 from slimtune.app.corpus import lm_blocks
 from slimtune.app.models import load_smollm2, load_smollm2_tokenizer
-from slimtune.linear_attention import LinearizeConfig, linearize, linearize_config, load_linearized
+from slimtune.linear_attention import (
+    LinearizeConfig,
+    linear_attention_layers,
+    linearize,
+    linearize_config,
+    load_linearized,
+)
 from slimtune.training.long_context import BUCKETS, passkey_accuracy, position_losses, prefill_cost
 
 ROWS = ("original", "window + sinks only", "hybrid", "pure linear")
@@ -81,7 +87,8 @@ def measure_model(
     losses = position_losses(model, blocks)
     prefill_cost(model, 64)  # warm-up
     seconds, cache = prefill_cost(model, args.prefill_length)
-    config = None if row.startswith("original") else linearize_config(model).to_dict()
+    linearised = next(linear_attention_layers(model), None) is not None
+    config = linearize_config(model).to_dict() if linearised else None
     summary = {
         "row": row,
         "passkey": passkey.accuracy,

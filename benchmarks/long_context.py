@@ -7,10 +7,10 @@
 - pure linear: DiJiang linear attention, no window.
 
 Each row gets passkey retrieval (``slimtune.training.long_context.passkey_accuracy``: ``--lengths`` × ``--depths`` ×
-``--keys`` prompts, accuracy over needles inside and outside the last ``--window`` prompt tokens), the next-token
-loss by position bucket (0-64, 64-256, 256-1k, 1k-2k, 2k-4k) over ``--position-blocks`` blocks of BBC News test
-articles (joined by EOS) of the longest bucket's length, and the cache bytes and seconds of one prefill of
-``--prefill-length`` tokens (8k; after a 64-token warm-up prefill).
+``--keys`` prompts, accuracy over needles inside and outside the last ``--window`` prompt tokens, and "key": the key's
+digits with the answer's leading space given), the next-token loss by position bucket (0-64, 64-256, 256-1k, 1k-2k,
+2k-4k) over ``--position-blocks`` blocks of BBC News test articles (joined by EOS) of the longest bucket's length, and
+the cache bytes and seconds of one prefill of ``--prefill-length`` tokens (8k; after a 64-token warm-up prefill).
 
 The linear rows are untrained conversions by default (``LinearizeConfig(window=64, sink_tokens=4)`` and
 ``LinearizeConfig()``): recovery training is out of scope here, so the pure row is near chance. ``--hybrid DIR`` and
@@ -94,6 +94,7 @@ def measure_model(
         "passkey": passkey.accuracy,
         "inside": passkey.accuracy_inside,
         "outside": passkey.accuracy_outside,
+        "key": passkey.key_accuracy,
         **{f"loss {label}": loss for label, loss in losses.items()},
         f"cache MiB @{args.prefill_length}": cache / 2**20,
         f"prefill s @{args.prefill_length}": seconds,

@@ -20,8 +20,10 @@ Rows (``--rows``):
   the window-only row (the ablation of the linear branch in a layer-selective model).
 
 Every trained row gets the same steps, batch, learning rates, LoRA (r = ``--lora-r`` on every projection, seed 0;
-``--lora-r 0``: no LoRA, the linear parameters alone) and blocks of ``--seq-len`` tokens; ``--finetune-steps 0``
-stops after the attention transfer. The feature map is ``LinearizeConfig``'s default unless ``--feature-map``.
+``--lora-r 0``: no LoRA, the linear parameters alone) and blocks of ``--seq-len`` tokens; ``--finetune-steps 0`` stops
+after the attention transfer; ``--distill`` fine-tunes on the KL to the original model's next-token distributions
+(``slimtune.training.distillation_loss``) instead of the LM loss. The feature map is ``LinearizeConfig``'s default
+unless ``--feature-map``.
 
 Run: ``.venv/bin/python benchmarks/long_context_recovery.py --softmax-layers 3 7 ...`` (see ``--help``). Writes
 ``benchmarks/results/long-context-recovery-*.json`` and prints the table.
@@ -44,7 +46,7 @@ from long_context import measure_model
 from slimtune.app.corpus import lm_blocks
 from slimtune.app.models import load_smollm2, load_smollm2_tokenizer
 from slimtune.linear_attention import LinearizeConfig, linearize
-from slimtune.training import evaluate_lm
+from slimtune.training import causal_lm_loss, distillation_loss, evaluate_lm
 from slimtune.training.recovery import attention_transfer, finetune
 
 ROWS = (
@@ -103,6 +105,7 @@ def train(row: str, model: torch.nn.Module, blocks: torch.Tensor, args: argparse
     if not args.finetune_steps or (adapter is None and not train_linear):  # nothing (more) to train
         return record | {"seconds": time.perf_counter() - start}
     dropout = args.window_dropout if row in ("hybrid", "layer-selective") else 0.0
+    loss_fn = distillation_loss(load_smollm2(dtype=torch.float32)[0]) if args.distill else causal_lm_loss
     torch.manual_seed(0)
     with branch(row, model):
         _, tuned = finetune(
@@ -115,6 +118,7 @@ def train(row: str, model: torch.nn.Module, blocks: torch.Tensor, args: argparse
             train_linear_attention=train_linear,
             warmup=max(1, args.finetune_steps // 10),
             window_dropout=dropout,
+            loss_fn=loss_fn,
         )
     return record | {
         "finetune_s": tuned.seconds,
@@ -159,6 +163,9 @@ def main() -> None:
     parser.add_argument("--transfer-compare", default="output", choices=["output", "attention"])
     parser.add_argument("--finetune-steps", type=int, default=30)
     parser.add_argument("--finetune-lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--distill", action="store_true", help="fine-tune on the KL to the original's logits, not the LM loss"
+    )
     parser.add_argument("--window-dropout", type=float, default=0.5, help="p0 of the hybrid rows")
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])

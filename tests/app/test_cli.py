@@ -327,6 +327,23 @@ def test_linearize_with_window_dropout_on_few_cached_transfer_blocks(tiny, texts
     assert "invalid choice: 'logits' (choose from 'output', 'attention')" in capsys.readouterr().err
 
 
+def test_linearize_with_distillation_trains_on_another_loss_and_records_it(tiny, texts, tmp_path, capsys):
+    options = [*data_options(tiny, texts), "--transfer-steps", "0", "--finetune-steps", "3", "--finetune-lr", "1e-2"]
+    fine_tuned = {}
+    for loss in ("lm", "distill"):
+        out = tmp_path / loss
+        assert run_cli("linearize", *options, "--window", "4", "--finetune-loss", loss, "--output", out) == 0
+        record = json.loads((out / "run.json").read_text())
+        assert record["finetune_loss"] == loss
+        fine_tuned[loss] = record["held_out_loss"][-1]["loss"]
+    assert fine_tuned["lm"] != pytest.approx(fine_tuned["distill"], rel=1e-6)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:
+        run_cli("linearize", *options, "--finetune-loss", "kl", "--output", tmp_path / "bad")
+    assert done.value.code == 2
+    assert "invalid choice: 'kl' (choose from 'lm', 'distill')" in capsys.readouterr().err
+
+
 def test_topic_accuracy_on_bbc_news(tiny, capsys):
     assert run_cli("eval", "--model", tiny, "--task", "topic", "--max-examples", "3") == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -17,6 +17,7 @@ from slimtune.linear_attention import LinearizeConfig, linear_attention_layers, 
 from slimtune.training.long_context import (
     FILLER,
     TASK,
+    key_start,
     passkey_accuracy,
     passkey_prompt,
     position_losses,
@@ -100,11 +101,38 @@ def greedy_reference(model: nn.Module, input_ids: torch.Tensor, answer_ids: torc
     return bool(torch.equal(written, answer_ids)), total
 
 
+def key_reference(model: nn.Module, input_ids: torch.Tensor, answer_ids: torch.Tensor, start: int) -> bool:
+    """Each answer token from ``start`` on is the argmax after the prompt and the answer tokens before it, one
+    forward per token."""
+    for j in range(start, len(answer_ids)):
+        logits = model(input_ids=torch.cat([input_ids, answer_ids[:j]])[None]).logits[0, -1]
+        if logits.argmax().item() != answer_ids[j].item():
+            return False
+    return True
+
+
+class OpensWithAnotherWord(Induction):
+    """Knows the key (the induction stub) but, after "is", prefers the token "T" to anything else: it would answer
+    "The pass key is T..." rather than " 52817", while the key's digits, the space given, are right."""
+
+    def __init__(self, t_token: int, i_token: int, s_token: int) -> None:
+        super().__init__(strength=10.0)
+        self.t_token, self.i_token, self.s_token = t_token, i_token, s_token
+
+    def forward(self, input_ids: torch.Tensor, **kwargs) -> SimpleNamespace:
+        logits = super().forward(input_ids).logits
+        after_is = (input_ids[:, 1:] == self.s_token) & (input_ids[:, :-1] == self.i_token)  # [B, T-1]
+        logits[:, 1:][after_is] = logits[:, 1:][after_is].index_fill(-1, torch.tensor([self.t_token]), 30.0)
+        return SimpleNamespace(logits=logits)
+
+
 @pytest.mark.parametrize("total", [251, 260, 333, 517])
 @pytest.mark.parametrize("depth", [0.0, 0.1, 0.5, 0.9, 1.0])
 def test_prompt_has_the_length_the_needle_at_its_depth_and_the_key_as_answer(chars, total, depth):
     input_ids, answer_ids, needle = passkey_prompt(chars, total, depth, 52817)
     assert len(input_ids) + len(answer_ids) == total
+    start = key_start(chars, answer_ids)
+    assert start == 1 and text_of(chars, answer_ids[start:]) == "52817"  # " " is a token of its own
     text = text_of(chars, input_ids)  # one character per token
     assert text_of(chars, answer_ids) == " 52817"
     assert text.startswith(TASK) and text.endswith(QUESTION_TAIL)
@@ -132,10 +160,11 @@ def test_scoring_equals_greedy_decoding_and_hand_gathered_log_probabilities(char
     hits = []
     for total, depth, key in [(280, 0.3, 10007), (300, 0.7, 99999), (333, 0.5, 48151), (351, 0.9, 62342)]:
         prompt = passkey_prompt(chars, total, depth, key)
-        retrieved, log_likelihood = score_answer(model, prompt.input_ids, prompt.answer_ids)
+        retrieved, log_likelihood, key_retrieved = score_answer(model, prompt.input_ids, prompt.answer_ids, 1)
         expected_hit, expected_ll = greedy_reference(model, prompt.input_ids, prompt.answer_ids)
         assert retrieved == expected_hit
         assert log_likelihood == pytest.approx(expected_ll, rel=1e-5, abs=1e-4)
+        assert key_retrieved == key_reference(model, prompt.input_ids, prompt.answer_ids, 1)
         hits.append(retrieved)
     if isinstance(model, Induction):
         assert any(hits) and not all(hits), hits  # both outcomes are compared
@@ -150,6 +179,31 @@ def test_a_model_that_knows_the_key_scores_one_and_uniform_logits_zero(chars):
     uniform = passkey_accuracy(Uniform(), chars, lengths=(260,), depths=(0.5,), keys_per_cell=4)
     assert uniform.accuracy == 0.0 and uniform.accuracy_outside is None
     assert uniform.cells[0].log_likelihood == pytest.approx(-6 * math.log(101))  # " " and five digits
+
+
+class WordPieces:
+    """A stub tokenizer that writes " " as token 0 and each of " 1", "2", ... "9" and "0" as one token: a leading
+    space that is not a token of its own."""
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        if text == " ":
+            return {"input_ids": [0]}
+        return {"input_ids": [1 + int(text[1])] + [11 + int(c) for c in text[2:]]}
+
+
+def test_the_key_starts_after_a_lone_space_token_and_at_0_when_the_space_is_part_of_a_digit(chars):
+    assert key_start(chars, torch.tensor(chars(" 52817")["input_ids"])) == 1
+    pieces = WordPieces()
+    assert key_start(pieces, torch.tensor(pieces(" 52817")["input_ids"])) == 0
+
+
+def test_a_model_that_knows_the_key_but_opens_with_another_word_fails_strictly_and_passes_on_the_key(chars):
+    t, i, s = chars.convert_tokens_to_ids(["T", "i", "s"])
+    result = passkey_accuracy(OpensWithAnotherWord(t, i, s), chars, lengths=(260, 300), depths=(0.5,), keys_per_cell=3)
+    assert result.accuracy == 0.0 and result.key_accuracy == 1.0
+    assert [cell["key_accuracy"] for cell in result.to_dict()["cells"]] == [1.0, 1.0]
+    assert passkey_accuracy(Induction(strength=10.0), chars, (260,), (0.5,), keys_per_cell=3).key_accuracy == 1.0
+    assert passkey_accuracy(Uniform(), chars, (260,), (0.5,), keys_per_cell=3).key_accuracy == 0.0
 
 
 def test_accuracy_grid_equals_the_reference_cell_by_cell(chars):
@@ -170,6 +224,8 @@ def test_accuracy_grid_equals_the_reference_cell_by_cell(chars):
         assert cell.retrieved == sum(hit for hit, _, _ in outcomes)
         assert cell.inside == sum(inside for _, _, inside in outcomes)
         assert cell.retrieved_inside == sum(hit and inside for hit, _, inside in outcomes)
+        prompts = [passkey_prompt(chars, cell.length, cell.depth, key) for key in drawn]
+        assert cell.key_retrieved == sum(key_reference(model, p.input_ids, p.answer_ids, 1) for p in prompts)
         assert cell.log_likelihood == pytest.approx(sum(ll for _, ll, _ in outcomes) / keys, rel=1e-5)
         near_hits += sum(hit and inside for hit, _, inside in outcomes)
         far_hits += sum(hit and not inside for hit, _, inside in outcomes)

@@ -176,6 +176,11 @@ _WINDOW_DROPOUT_HELP = (
     "layer runs as pure linear attention with probability P, decaying linearly to 0 over the run (0: off)"
 )
 
+_FINETUNE_LOSS_HELP = (
+    "what fine-tuning minimises: lm, the next-token cross-entropy on the data; distill, the KL to the original "
+    "model's next-token distributions (a second copy of --model is loaded as the teacher)"
+)
+
 
 def _add_linearize(sub: Any) -> None:
     from slimtune.linear_attention import LinearizeConfig
@@ -186,7 +191,7 @@ def _add_linearize(sub: Any) -> None:
         ("transfer_steps", 20, "attention-transfer steps"),
         ("transfer_lr", 1e-2, "attention-transfer learning rate"),
         ("transfer_blocks", 16, _TRANSFER_BLOCKS_HELP),
-        ("finetune_steps", 10, "causal-LM fine-tuning steps after the transfer (0: none)"),
+        ("finetune_steps", 10, "fine-tuning steps after the transfer (0: none; the loss: --finetune-loss)"),
         ("window_dropout", 0.0, _WINDOW_DROPOUT_HELP),
         ("finetune_lr", 1e-3, "fine-tuning learning rate"),
         ("batch_size", 2, "blocks per step"),
@@ -202,6 +207,7 @@ def _add_linearize(sub: Any) -> None:
     passkey_help = "length in tokens of the passkey prompts --rank-by passkey ranks on"
     option(p, taken, "rank_passkey_length", type=int, default=1024, metavar="N", help=passkey_help)
     option(p, taken, "transfer_compare", default="output", choices=["output", "attention"], help=_COMPARE_HELP)
+    option(p, taken, "finetune_loss", default="lm", choices=["lm", "distill"], help=_FINETUNE_LOSS_HELP)
     group = p.add_argument_group("linear attention (LinearizeConfig)")
     linear = add_config_options(group, {"linearize": LinearizeConfig}, taken, "linear")
     adapter = add_config_options(p.add_argument_group("adapter method"), METHODS, taken, "adapter")

@@ -23,7 +23,8 @@ def cmd_linearize(args: argparse.Namespace) -> int:
     Stages, each followed by the held-out loss: the original model; slimtune.linear_attention.linearize (every
     attention layer but --softmax-layers; with --rank-layers K, then the K layers whose restored softmax attention
     lowers the held-out loss most are kept softmax too); attention transfer (every layer learns to reproduce its
-    softmax output); causal-LM fine-tuning of the added parameters, and of an adapter with --method. Writes
+    softmax output); fine-tuning of the added parameters, and of an adapter with --method, on the causal-LM loss or,
+    with --finetune-loss distill, on the KL to the original model's next-token distributions. Writes
     <output>/linear_attention (save_linearized; load it with load_linearized or `slimtune eval --linear-attention`),
     <output>/adapter with --method, and <output>/run.json (with the layer ranking).
 
@@ -34,7 +35,9 @@ def cmd_linearize(args: argparse.Namespace) -> int:
     from slimtune.fileio import atomic_write_json
     from slimtune.linear_attention import LinearizeConfig, linearize, linearize_config, save_linearized
     from slimtune.serialization import save_adapter
+    from slimtune.training.distillation import distillation_loss
     from slimtune.training.evaluate import evaluate_lm
+    from slimtune.training.losses import causal_lm_loss
     from slimtune.training.recovery import attention_transfer, finetune
 
     apply_mixed_precision(args)
@@ -92,6 +95,12 @@ def cmd_linearize(args: argparse.Namespace) -> int:
         )
         measure("attention transfer")
     if args.finetune_steps:
+        # the teacher is a second, untouched copy of the original model
+        loss_fn = (
+            distillation_loss(load_named_model(args.model, args.dtype)[0])
+            if args.finetune_loss == "distill"
+            else causal_lm_loss
+        )
         model, _ = finetune(
             model,
             train_blocks,
@@ -100,6 +109,7 @@ def cmd_linearize(args: argparse.Namespace) -> int:
             adapter=adapter,
             window_dropout=args.window_dropout,
             seed=args.seed,
+            loss_fn=loss_fn,
             **stage,
         )
         measure("fine-tuned")
@@ -121,6 +131,7 @@ def cmd_linearize(args: argparse.Namespace) -> int:
         "transfer_compare": args.transfer_compare,
         "finetune_steps": args.finetune_steps,
         "window_dropout": args.window_dropout,
+        "finetune_loss": args.finetune_loss,
     }
     atomic_write_json(output / "run.json", record)
     print(f"saved to {output}")

@@ -26,6 +26,7 @@ from slimtune.training.classification import (
 )
 from slimtune.training.config import LoopOptions, TrainConfig, TrainLMOptions, TrainResult
 from slimtune.training.data import Example, load_texts, pack_examples, pack_for_lm, read_text_file
+from slimtune.training.distillation import distillation_loss
 from slimtune.training.evaluate import evaluate_lm, evaluate_loss
 from slimtune.training.layer_ranking import (
     LayerRank,
@@ -72,6 +73,7 @@ __all__ = [
     "chat_format",
     "classification_loss",
     "cosine_with_warmup",
+    "distillation_loss",
     "encode_classification",
     "encode_examples",
     "evaluate_classifier",

@@ -8,6 +8,9 @@ question "What is the pass key? The pass key is" at the end. :func:`passkey_prom
 token length; :func:`passkey_accuracy` scores a grid of lengths × depths teacher-forced, one forward per prompt and
 no generation loop: the key counts as retrieved when every answer token is the argmax of the logits at its
 position, which is exactly when greedy decoding would write it; the answer's summed log-probability is kept too.
+Beside that strict score, the key's own tokens are scored with the tokens before them given (the space the answer
+starts with, where the tokenizer writes it as a token of its own): a model that knows the key but would open its
+answer with another word fails the first and passes the second.
 
 :func:`position_losses` gives the mean next-token loss of the tokens in each position bucket of long blocks, and
 :func:`prefill_cost` the seconds of one prefill and the bytes of the cache it leaves (KV cache or linear state).
@@ -93,11 +96,20 @@ def passkey_prompt(tokenizer: Any, total_tokens: int, depth: float, key: int) ->
     return PasskeyPrompt(torch.tensor(ids), torch.tensor(answer), len(head) + cut)
 
 
+def key_start(tokenizer: Any, answer_ids: torch.Tensor) -> int:
+    """The index in ``answer_ids`` [A] (" K", as :func:`passkey_prompt` encodes it) of the key's first own token: the
+    number of tokens the tokenizer writes a lone space as, when the answer starts with them (1 for Llama and SmolLM2
+    tokenizers, whose digits are tokens of their own), else 0."""
+    space = _encode(tokenizer, " ")
+    return len(space) if len(answer_ids) > len(space) and answer_ids[: len(space)].tolist() == space else 0
+
+
 @dataclasses.dataclass(frozen=True)
 class PasskeyCell:
     """One (length, depth) cell: ``keys`` prompts, ``retrieved`` of them answered; ``log_likelihood`` is the mean
     summed log-probability of the answer; ``inside`` prompts had their needle within the window, ``retrieved_inside``
-    of which were answered."""
+    of which were answered; ``key_retrieved`` prompts had the key's own tokens right with the answer's leading space
+    given (:class:`AnswerScore`)."""
 
     length: int
     depth: float
@@ -106,10 +118,15 @@ class PasskeyCell:
     log_likelihood: float
     inside: int
     retrieved_inside: int
+    key_retrieved: int
 
     @property
     def accuracy(self) -> float:
         return self.retrieved / self.keys
+
+    @property
+    def key_accuracy(self) -> float:
+        return self.key_retrieved / self.keys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,14 +154,20 @@ class PasskeyResult:
         retrieved = sum(c.retrieved - c.retrieved_inside for c in self.cells)
         return retrieved / outside if outside else None
 
+    @property
+    def key_accuracy(self) -> float:
+        """Over every cell: the prompts whose key's own tokens were right with the leading space given."""
+        return sum(c.key_retrieved for c in self.cells) / sum(c.keys for c in self.cells)
+
     def to_dict(self) -> dict[str, Any]:
         """The summary and every cell (with its accuracy), for a JSON record."""
-        cells = [{**dataclasses.asdict(c), "accuracy": c.accuracy} for c in self.cells]
+        cells = [{**dataclasses.asdict(c), "accuracy": c.accuracy, "key_accuracy": c.key_accuracy} for c in self.cells]
         return {
             "window": self.window,
             "accuracy": self.accuracy,
             "accuracy_inside": self.accuracy_inside,
             "accuracy_outside": self.accuracy_outside,
+            "key_accuracy": self.key_accuracy,
             "needles_inside": sum(c.inside for c in self.cells),
             "needles_outside": sum(c.keys - c.inside for c in self.cells),
             "cells": cells,
@@ -184,7 +207,8 @@ def passkey_accuracy(
     for length in lengths:
         for depth in depths:
             keys = torch.randint(10000, 100000, (keys_per_cell,), generator=generator).tolist()
-            grid.append((length, depth, [passkey_prompt(tokenizer, length, depth, key) for key in keys]))
+            prompts = [passkey_prompt(tokenizer, length, depth, key) for key in keys]
+            grid.append((length, depth, [(p, key_start(tokenizer, p.answer_ids)) for p in prompts]))
     was_training = model.training
     model.eval()
     try:
@@ -195,34 +219,49 @@ def passkey_accuracy(
 
 
 def _score_cell(
-    model: nn.Module, length: int, depth: float, prompts: list[PasskeyPrompt], window: int | None
+    model: nn.Module, length: int, depth: float, prompts: list[tuple[PasskeyPrompt, int]], window: int | None
 ) -> PasskeyCell:
-    retrieved, inside, retrieved_inside, total = 0, 0, 0, 0.0
-    for prompt in prompts:
-        hit, log_likelihood = score_answer(model, prompt.input_ids, prompt.answer_ids)
+    """The cell of ``prompts``: (prompt, its :func:`key_start`) each."""
+    retrieved, inside, retrieved_inside, key_retrieved, total = 0, 0, 0, 0, 0.0
+    for prompt, start in prompts:
+        score = score_answer(model, prompt.input_ids, prompt.answer_ids, start)
         near = window is None or len(prompt.input_ids) - prompt.needle_position <= window
-        retrieved += hit
+        retrieved += score.retrieved
         inside += near
-        retrieved_inside += hit and near
-        total += log_likelihood
-    return PasskeyCell(length, depth, len(prompts), retrieved, total / len(prompts), inside, retrieved_inside)
+        retrieved_inside += score.retrieved and near
+        key_retrieved += score.key_retrieved
+        total += score.log_likelihood
+    mean = total / len(prompts)
+    return PasskeyCell(length, depth, len(prompts), retrieved, mean, inside, retrieved_inside, key_retrieved)
+
+
+class AnswerScore(NamedTuple):
+    """How a model answers a passkey prompt, teacher-forced (:func:`score_answer`)."""
+
+    retrieved: bool  # every answer token is the argmax: greedy decoding writes the answer
+    log_likelihood: float  # Σ log p(answer token), float32
+    key_retrieved: bool  # every answer token from key_start on is the argmax, the tokens before it given
 
 
 @torch.no_grad()
-def score_answer(model: nn.Module, input_ids: torch.Tensor, answer_ids: torch.Tensor) -> tuple[bool, float]:
-    """(retrieved, log-likelihood) of ``answer_ids`` [A] after ``input_ids`` [T], from one forward over [1, T + A].
+def score_answer(
+    model: nn.Module, input_ids: torch.Tensor, answer_ids: torch.Tensor, key_start: int = 0
+) -> AnswerScore:
+    """The :class:`AnswerScore` of ``answer_ids`` [A] after ``input_ids`` [T], from one forward over [1, T + A].
 
     Retrieved: every answer token is the argmax of the logits at the position before it (ties go to the lowest
     token id, as ``argmax`` breaks them). Log-likelihood: Σ_j log softmax(logits_{T-1+j})[answer_j], in float32.
+    Key retrieved: the same for answer tokens ``key_start`` .. A-1 only (the ones before them are given, as in any
+    teacher-forced scoring).
     """
     device = model_device(model)
     answer = answer_ids.to(device)
     n = len(answer)
     ids = torch.cat([input_ids.to(device), answer])[None]  # [1, T + A]
     logits = _logits(model, ids, keep=n + 1)[0, -(n + 1) : -1].float()  # [A, V]: positions T-1 .. T+A-2
-    retrieved = bool((logits.argmax(-1) == answer).all())
+    right = logits.argmax(-1) == answer  # [A]
     log_likelihood = logits.log_softmax(-1).gather(-1, answer[:, None]).sum().item()
-    return retrieved, log_likelihood
+    return AnswerScore(bool(right.all()), log_likelihood, bool(right[key_start:].all()))
 
 
 @torch.no_grad()

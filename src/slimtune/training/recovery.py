@@ -12,9 +12,10 @@
      computes its linear output and the original softmax output on the same hidden states (the kept original
      module, run without gradients), records their MSE and passes the softmax output on. It is also what
      :func:`attention_mse` evaluates with, and what runs under DDP / FSDP.
-2. :func:`finetune`: causal-LM training of the added parameters and, optionally, of a slimtune adapter
-   (``slimtune.get_adapted_model``), with :func:`slimtune.training.train_lm`; ``window_dropout`` turns on scheduled
-   sliding-window dropout (:mod:`slimtune.training.window_dropout`) for hybrid layers.
+2. :func:`finetune`: causal-LM training (or logit distillation from the original) of the added parameters and,
+   optionally, of a slimtune adapter (``slimtune.get_adapted_model``), with :func:`slimtune.training.train_lm`;
+   ``window_dropout`` turns on scheduled sliding-window dropout (:mod:`slimtune.training.window_dropout`) for hybrid
+   layers.
 
 Both take the loop's options as keywords (:class:`slimtune.training.config.LoopOptions`: gradient accumulation,
 clipping, checkpoints, resume), so they stop on a NaN loss or gradient, and with ``output_dir`` write
@@ -40,7 +41,7 @@ from slimtune.linear_attention.layer import LinearAttention
 from slimtune.training.config import LoopOptions, TrainLMOptions, TrainResult
 from slimtune.training.evaluate import model_device
 from slimtune.training.loop import train_lm
-from slimtune.training.losses import LossFn
+from slimtune.training.losses import LossFn, causal_lm_loss
 from slimtune.training.transfer import (
     TeacherCache,
     cached_transfer_loss,
@@ -135,9 +136,14 @@ def finetune(
     window_dropout: float = 0.0,
     seed: int = 0,
     progress: bool = True,
+    loss_fn: LossFn = causal_lm_loss,
     **loop: Unpack[LoopOptions],
 ) -> tuple[nn.Module, TrainResult]:
-    """Stage 2: causal-LM training of the added parameters (``train_linear_attention``) and of ``adapter``.
+    """Stage 2: training of the added parameters (``train_linear_attention``) and of ``adapter`` on ``loss_fn``.
+
+    ``loss_fn``: the causal-LM loss by default; ``slimtune.training.distillation_loss(original)`` trains the model to
+    reproduce the original model's next-token distributions instead (KL; ``benchmarks/long_context_recovery.py
+    --distill`` measures what each does to perplexity and retrieval).
 
     With ``adapter``, it is injected first (``slimtune.get_adapted_model``, which freezes the base model);
     without, every parameter but the added ones is frozen. The trainable set is left as trained. ``loop``: the
@@ -157,7 +163,7 @@ def finetune(
         "warmup": warmup,
         "weight_decay": weight_decay,
         "progress": progress,
-        "desc": "LM fine-tuning",
+        "desc": "LM fine-tuning" if loss_fn is causal_lm_loss else "fine-tuning",
     }
     with window_dropout_schedule(model, window_dropout, steps, seed) as before_step:  # checked before any change
         if adapter is not None:
@@ -167,7 +173,16 @@ def finetune(
         if train_linear_attention:
             for param in _added_parameters(model):
                 param.requires_grad_(True)
-        result = train_lm(model, blocks, steps=steps, batch_size=batch_size, lr=lr, before_step=before_step, **options)
+        result = train_lm(
+            model,
+            blocks,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            loss_fn=loss_fn,
+            before_step=before_step,
+            **options,
+        )
     return model, result
 
 

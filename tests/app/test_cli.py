@@ -337,6 +337,11 @@ def test_linearize_with_distillation_trains_on_another_loss_and_records_it(tiny,
         assert record["finetune_loss"] == loss
         fine_tuned[loss] = record["held_out_loss"][-1]["loss"]
     assert fine_tuned["lm"] != pytest.approx(fine_tuned["distill"], rel=1e-6)
+    untuned = tmp_path / "untuned"
+    assert (
+        run_cli("linearize", *options, "--finetune-steps", "0", "--finetune-loss", "distill", "--output", untuned) == 0
+    )
+    assert json.loads((untuned / "run.json").read_text())["finetune_loss"] is None  # nothing was fine-tuned
     capsys.readouterr()
     with pytest.raises(SystemExit) as done:
         run_cli("linearize", *options, "--finetune-loss", "kl", "--output", tmp_path / "bad")

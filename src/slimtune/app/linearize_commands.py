@@ -131,7 +131,7 @@ def cmd_linearize(args: argparse.Namespace) -> int:
         "transfer_compare": args.transfer_compare,
         "finetune_steps": args.finetune_steps,
         "window_dropout": args.window_dropout,
-        "finetune_loss": args.finetune_loss,
+        "finetune_loss": args.finetune_loss if args.finetune_steps else None,  # None: nothing was fine-tuned
     }
     atomic_write_json(output / "run.json", record)
     print(f"saved to {output}")

@@ -30,7 +30,9 @@ def distillation_loss(teacher: nn.Module, temperature: float = 1.0) -> LossFn:
     float32.
 
     Raises:
-        ConfigError: ``temperature`` not a positive number, or ``teacher`` is not an nn.Module.
+        ConfigError: ``temperature`` not a positive number, or ``teacher`` is not an nn.Module; when the loss is
+            called, a batch that is not token ids [B, T], or teacher logits of another shape than the model's (another
+            vocabulary).
     """
     check_number("temperature", temperature, above=0)
     if not isinstance(teacher, nn.Module):

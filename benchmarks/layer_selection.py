@@ -3,11 +3,12 @@
 the top k of the single-layer ranking it is meant to beat.
 
 The conversion is untrained: ``LinearizeConfig(feature_map=--feature-map, window=--window, sink_tokens=--sinks)``.
-The criterion is −log p(key | prompt) over ``--keys`` prompts per (length, depth), at ``--lengths`` and depths
-10/50/90 %, from the ranking seed (no evaluation uses it). ``--candidates``: the layers to choose from (default every
-layer; fewer saves evaluations: 1 + Σ_{i<k} (candidates − i)). After choosing, each set (greedy, and the top k of
-``--single`` if given) is scored on the evaluation's own prompts (``passkey_accuracy``, seed 0, ``--eval-keys`` per
-cell at ``--lengths``), so the choice is not scored on the keys it was made with.
+The criterion is −log p(key | prompt) over ``--keys`` prompts per (length, depth), at ``--lengths`` and the needle
+depths ``--depths`` (10/50/90 % by default; a depth given twice gets twice the prompts), from the ranking seed (no
+evaluation uses it). ``--candidates``: the layers to choose from (default every layer; fewer saves evaluations:
+1 + Σ_{i<k} (candidates − i)). After choosing, each set (greedy, and the top k of ``--single`` if given) is scored
+on the evaluation's own prompts (``passkey_accuracy``, seed 0, ``--eval-keys`` per cell at ``--lengths``), so the
+choice is not scored on the keys it was made with.
 
 Run: ``.venv/bin/python benchmarks/layer_selection.py --k 7 --candidates 18 3 20 ... --single 3 6 14 18 20 21 23``.
 Writes ``benchmarks/results/layer-selection-*.json`` and prints the steps and the scores.
@@ -46,6 +47,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=7, help="layers to keep softmax")
     parser.add_argument("--candidates", type=int, nargs="+", default=None, help="layers to choose from")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
+    parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9], help="criterion needle depths")
     parser.add_argument("--keys", type=int, default=1, help="criterion prompts per (length, depth)")
     parser.add_argument("--eval-keys", type=int, default=5, help="evaluation prompts per (length, depth)")
     parser.add_argument("--single", type=int, nargs="+", default=None, help="a single-ranking set to score beside")
@@ -57,7 +59,9 @@ def main() -> None:
     torch.manual_seed(0)
     linearize(model, LinearizeConfig(feature_map=args.feature_map, window=args.window, sink_tokens=args.sinks))
     start = time.perf_counter()
-    criterion = passkey_loss_criterion(model, tokenizer, lengths=args.lengths, keys_per_cell=args.keys)
+    criterion = passkey_loss_criterion(
+        model, tokenizer, lengths=args.lengths, depths=args.depths, keys_per_cell=args.keys
+    )
     steps = select_softmax_layers_greedy(model, criterion, args.k, candidates=args.candidates)
     seconds = time.perf_counter() - start
     print(format_table([vars(s) for s in steps], ["layer", "loss", "drop"]))

@@ -105,7 +105,7 @@ def train(row: str, model: torch.nn.Module, blocks: torch.Tensor, args: argparse
     if not args.finetune_steps or (adapter is None and not train_linear):  # nothing (more) to train
         return record | {"seconds": time.perf_counter() - start}
     dropout = args.window_dropout if row in ("hybrid", "layer-selective") else 0.0
-    loss_fn = distillation_loss(load_smollm2(dtype=torch.float32)[0]) if args.distill else causal_lm_loss
+    loss_fn = distillation_loss(None) if args.distill else causal_lm_loss  # the original, from the model's weights
     torch.manual_seed(0)
     with branch(row, model):
         _, tuned = finetune(

@@ -68,7 +68,10 @@ def test_rank_search_greedy_keeps_the_chosen_layer_and_records_the_steps(tiny, t
     assert "choosing 1 of 2 linearised layers one at a time by the loss on 4 held-out blocks (3 evaluations)" in printed
     assert "| step | layer | loss with the layers so far restored | drop vs the step before |" in printed
     (step,) = record["layer_ranking"]
-    assert record["rank_search"] == "greedy" and step["kept"]
+    assert record["rank_search"] == "greedy" and step["kept"] and record["rank_passkey"] is None
+    only = linearize(tiny, text_file, held_out, tmp_path / "only-1", *options, "--rank-candidates", "1")
+    assert "choosing 1 of 1 linearised layers one at a time" in capsys.readouterr().out
+    assert [s["layer"] for s in only["layer_ranking"]] == [1] and only["rank_candidates"] == [1]
     assert record["linearize_config"]["softmax_layers"] == [step["layer"]]
     stages = {entry["stage"]: entry["loss"] for entry in record["held_out_loss"]}
     assert stages["linearized"] == pytest.approx(step["loss"], rel=1e-5)
@@ -86,6 +89,9 @@ def test_rank_search_greedy_keeps_the_chosen_layer_and_records_the_steps(tiny, t
         (["--softmax-layers", "0", "1"], "leaving none to linearise"),
         (["--rank-search", "greedy"], "--rank-search greedy needs --rank-layers K (K >= 1)"),
         (["--rank-layers", "0", "--rank-search", "greedy"], "--rank-search greedy chooses nothing"),
+        (["--rank-layers", "1", "--rank-candidates", "0"], "--rank-candidates needs --rank-layers K and --rank-search"),
+        (["--rank-layers", "1", "--rank-search", "greedy", "--rank-candidates", "0", "5"], "[0, 5] is not allowed"),
+        (["--rank-layers", "1", "--rank-search", "greedy", "--rank-candidates", "1", "1"], "(some repeat)"),
     ],
 )
 def test_bad_layer_options_end_in_one_line(tiny, text_file, held_out, tmp_path, capsys, options, message):
@@ -121,8 +127,38 @@ def test_rank_by_passkey_on_the_command_line(long_tiny, text_file, tmp_path, cap
     assert "| layer | passkey loss with its softmax restored | drop vs all-linear | kept as softmax |" in printed
     record = json.loads((out / "run.json").read_text())
     assert record["rank_by"] == "passkey" and [r["kept"] for r in record["layer_ranking"]] == [True, False]
+    assert record["rank_passkey"] == {"length": 280, "depths": [0.1, 0.5, 0.9], "keys": 2}
     assert record["linearize_config"]["softmax_layers"] == [record["layer_ranking"][0]["layer"]]
     short = [*argv, "--rank-layers", "1", "--rank-by", "passkey", "--rank-passkey-length", "50"]
     assert cli.main([str(a) for a in [*short, "--output", tmp_path / "short"]]) == 2
     err = capsys.readouterr().err
-    assert "--rank-passkey-length 50: total_tokens=50" in err and "Traceback" not in err
+    assert (
+        "--rank-passkey-length 50 --rank-passkey-depths 0.1 0.5 0.9: total_tokens=50" in err and "Traceback" not in err
+    )
+
+
+def test_rank_passkey_depths_and_keys_choose_the_prompts(long_tiny, text_file, tmp_path, capsys):
+    steps = ["--transfer-steps", "0", "--finetune-steps", "0", "--seq-len", "32"]
+    argv = ["linearize", "--model", long_tiny, "--data", text_file, *steps, "--window", "4", "--sink-tokens", "1"]
+    ranked = [*argv, "--rank-layers", "1", "--rank-by", "passkey", "--rank-passkey-length", "280"]
+    losses = {}
+    for name, prompts in (
+        ("default", []),
+        ("deep", ["--rank-passkey-depths", "0.1", "0.1", "--rank-passkey-keys", "1"]),
+    ):
+        assert cli.main([str(a) for a in [*ranked, *prompts, "--output", tmp_path / name]]) == 0
+        record = json.loads((tmp_path / name / "run.json").read_text())
+        losses[name] = [r["loss"] for r in record["layer_ranking"]]
+    assert record["rank_passkey"] == {"length": 280, "depths": [0.1, 0.1], "keys": 1}
+    assert "by the passkey loss on 2 prompts of 280 tokens" in capsys.readouterr().out
+    assert losses["deep"] != losses["default"]  # the prompts the options name are the ones scored
+    bad = [*ranked, "--rank-passkey-depths", "0.5", "1.5", "--output", tmp_path / "bad"]
+    assert cli.main([str(a) for a in bad]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "--rank-passkey-length 280 --rank-passkey-depths 0.5 1.5: depth holds 1.5: allowed are fractions" in err
+        and "Traceback" not in err
+    )
+    keys = [*ranked, "--rank-passkey-keys", "0", "--output", tmp_path / "no-keys"]
+    assert cli.main([str(a) for a in keys]) == 2
+    assert "rank_passkey_keys" in capsys.readouterr().err

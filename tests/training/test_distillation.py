@@ -11,9 +11,10 @@ import math
 import pytest
 import torch
 
-from cases import tiny_gpt2, tiny_llama
+import slimtune as st
+from cases import assert_unchanged, randomize_adapters, snapshot, tiny_gpt2, tiny_llama
 from slimtune.errors import ConfigError
-from slimtune.linear_attention import LinearizeConfig, linearize
+from slimtune.linear_attention import LinearAttention, LinearizeConfig, linearize
 from slimtune.training import causal_lm_loss, distillation_loss, finetune
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -98,7 +99,7 @@ def test_a_temperature_that_is_not_a_positive_number_is_refused_naming_it(temper
 
 
 def test_a_teacher_that_is_not_a_module_is_refused():
-    with pytest.raises(ConfigError, match=r"teacher must be a torch nn.Module .* got str"):
+    with pytest.raises(ConfigError, match=r"teacher must be a torch nn.Module \(an HF causal LM\) or None, got str"):
         distillation_loss("HuggingFaceTB/SmolLM2-135M")  # type: ignore[arg-type]
 
 
@@ -124,3 +125,54 @@ def test_finetune_on_the_distillation_loss_records_it_per_step():
     _, result = finetune(student, ids, steps=1, batch_size=4, lr=1e-9, loss_fn=distillation_loss(teacher))
     assert result.losses[0] == pytest.approx(before, rel=1e-4)
     assert math.isfinite(result.losses[0])
+
+
+def adapted_hybrid(seed: int = 0) -> torch.nn.Module:
+    """A linearised tiny Llama with LoRA on every projection, the adapters doing something; its original is
+    ``tiny_llama(seed)``."""
+    model = st.get_adapted_model(linearize(tiny_llama(seed=seed), HYBRID), st.LoraConfig(r=4, alpha=8.0))
+    randomize_adapters(model)
+    return model
+
+
+def test_teacher_none_is_the_students_own_original_without_a_copy():
+    """The loss with ``teacher=None`` equals the loss with a separate, untouched original as the teacher, and so
+    does its gradient: the original computed from the student's weights, adapters off and softmax restored."""
+    ids = token_blocks()
+    grads = {}
+    for name, teacher in (("own", None), ("copy", tiny_llama(seed=0))):
+        student = adapted_hybrid()
+        loss = distillation_loss(teacher)(student, ids)
+        loss.backward()
+        grads[name] = (loss.item(), {n: p.grad for n, p in student.named_parameters() if p.grad is not None})
+    (own, own_grads), (reference, copy_grads) = grads["own"], grads["copy"]
+    assert own == pytest.approx(reference, rel=1e-5) and own > 1e-3
+    assert own == pytest.approx(kl_by_hand(tiny_llama(seed=0), adapted_hybrid(), ids, 1.0), rel=1e-4)
+    assert own_grads.keys() == copy_grads.keys() and own_grads
+    for name, grad in own_grads.items():
+        torch.testing.assert_close(grad, copy_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_teacher_none_leaves_the_student_as_it_was():
+    student = adapted_hybrid().train()
+    student.model.layers[0].mlp.eval()  # a mixed mode, to be kept
+    ids = token_blocks()
+    with torch.no_grad():
+        before_out = student(ids).logits
+    before = snapshot(student)
+    distillation_loss()(student, ids)
+    assert_unchanged(student, before)
+    assert all(isinstance(layer.self_attn, LinearAttention) for layer in student.model.layers)
+    assert student.training and not student.model.layers[0].mlp.training and student.model.layers[1].mlp.training
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, before_out, rtol=0, atol=0)
+
+
+def test_teacher_none_of_an_adapted_model_is_its_base_model():
+    """Without linear attention, the own original is the base model with the adapters disabled."""
+    ids = token_blocks()
+    student = st.get_adapted_model(tiny_gpt2(seed=0), st.LoraConfig(r=4))
+    randomize_adapters(student)
+    loss = distillation_loss(None, temperature=2.0)(student, ids)
+    assert loss.item() == pytest.approx(kl_by_hand(tiny_gpt2(seed=0), student, ids, 2.0), rel=1e-4)
+    assert loss.item() > 1e-4

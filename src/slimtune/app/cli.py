@@ -33,6 +33,7 @@ from slimtune.app.file_commands import cmd_export, cmd_import, cmd_merge, cmd_mo
 from slimtune.app.layer_ranking_commands import (
     RANK_BY,
     RANK_BY_HELP,
+    RANK_CANDIDATES_HELP,
     RANK_LAYERS_HELP,
     RANK_SEARCH,
     RANK_SEARCH_HELP,
@@ -178,7 +179,8 @@ _WINDOW_DROPOUT_HELP = (
 
 _FINETUNE_LOSS_HELP = (
     "what fine-tuning minimises: lm, the next-token cross-entropy on the data; distill, the KL to the original "
-    "model's next-token distributions (a second copy of --model is loaded as the teacher)"
+    "model's next-token distributions (computed from the converted model's own weights, softmax attention restored and "
+    "adapters off: no second copy in memory)"
 )
 
 
@@ -204,8 +206,14 @@ def _add_linearize(sub: Any) -> None:
     option(p, taken, "rank_layers", type=int, default=None, metavar="K", help=RANK_LAYERS_HELP)
     option(p, taken, "rank_by", default="loss", choices=list(RANK_BY), help=RANK_BY_HELP)
     option(p, taken, "rank_search", default="single", choices=list(RANK_SEARCH), help=RANK_SEARCH_HELP)
+    option(p, taken, "rank_candidates", type=int, nargs="+", default=None, metavar="LAYER", help=RANK_CANDIDATES_HELP)
     passkey_help = "length in tokens of the passkey prompts --rank-by passkey ranks on"
     option(p, taken, "rank_passkey_length", type=int, default=1024, metavar="N", help=passkey_help)
+    depths_help = "needle depths in [0, 1] of those prompts (a depth given twice gets twice the prompts)"
+    option(
+        p, taken, "rank_passkey_depths", type=float, nargs="+", default=[0.1, 0.5, 0.9], metavar="D", help=depths_help
+    )
+    option(p, taken, "rank_passkey_keys", type=int, default=2, metavar="N", help="those prompts per depth")
     option(p, taken, "transfer_compare", default="output", choices=["output", "attention"], help=_COMPARE_HELP)
     option(p, taken, "finetune_loss", default="lm", choices=["lm", "distill"], help=_FINETUNE_LOSS_HELP)
     group = p.add_argument_group("linear attention (LinearizeConfig)")

@@ -8,6 +8,7 @@ one at a time beside those already kept (``--rank-search greedy``,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -22,7 +23,8 @@ RANK_LAYERS_HELP = (
 )
 RANK_BY_HELP = (
     "the ranking's loss: loss = held-out LM loss (needs held-out data; for perplexity), passkey = -log p(key) over "
-    "6 passkey prompts of --rank-passkey-length tokens, needles at depths 10/50/90 %% (for retrieval)"
+    "passkey prompts of --rank-passkey-length tokens, --rank-passkey-keys per depth of --rank-passkey-depths (for "
+    "retrieval)"
 )
 RANK_BY = ("loss", "passkey")
 RANK_SEARCH_HELP = (
@@ -31,6 +33,10 @@ RANK_SEARCH_HELP = (
     "layers that work together, e.g. a retrieval circuit)"
 )
 RANK_SEARCH = ("single", "greedy")
+RANK_CANDIDATES_HELP = (
+    "with --rank-search greedy: the layer indices to choose from (default: every linearised layer); fewer saves "
+    "evaluations"
+)
 
 
 def keep_best_softmax_layers(
@@ -42,16 +48,22 @@ def keep_best_softmax_layers(
     tokenizer: Any = None,
     passkey_length: int = 1024,
     search: str = "single",
+    passkey_depths: Sequence[float] = (0.1, 0.5, 0.9),
+    passkey_keys: int = 2,
+    candidates: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
-    """Rank the linearised layers of ``model`` by ``rank_by`` ("loss": on ``blocks`` [n, T]; "passkey": on passkey
-    prompts of ``passkey_length`` tokens from ``tokenizer``), print the ranking and restore ``k`` to softmax
-    attention for good: the top ``k`` (``search`` "single"), or ``k`` chosen greedily ("greedy"); returns the
-    ranking (single: every layer; greedy: the steps, in order) as JSON records (layer, loss, drop, kept).
+    """Rank the linearised layers of ``model`` by ``rank_by`` ("loss": on ``blocks`` [n, T]; "passkey": on
+    ``passkey_keys`` passkey prompts of ``passkey_length`` tokens from ``tokenizer`` per needle depth of
+    ``passkey_depths``), print the ranking and restore ``k`` to softmax attention for good: the top ``k``
+    (``search`` "single"), or ``k`` chosen greedily ("greedy"); returns the ranking (single: every layer; greedy:
+    the steps, in order) as JSON records (layer, loss, drop, kept). ``candidates``: the layers greedy chooses from
+    (None: every linearised layer).
 
     Raises:
         ConfigError: ``rank_by`` or ``search`` unknown, no held-out ``blocks`` for "loss", a ``passkey_length``
-            the prompt or the model does not fit, ``k`` not in [0, linearised layers − 1] (one must stay linear),
-            or ``k`` = 0 with greedy.
+            the prompt or the model does not fit, a depth outside [0, 1], ``passkey_keys`` < 1, ``k`` not in
+            [0, linearised layers − 1] (one must stay linear), ``k`` = 0 with greedy, ``candidates`` without
+            greedy, or candidates that are not distinct linearised layers or fewer than ``k``.
     """
     from slimtune.linear_attention import linear_attention_layers, restore_softmax
     from slimtune.training import (
@@ -75,13 +87,22 @@ def keep_best_softmax_layers(
         raise ConfigError(f"--rank-search {search!r} is not allowed: expected one of {list(RANK_SEARCH)}")
     if search == "greedy" and k == 0:
         raise ConfigError("--rank-layers 0 with --rank-search greedy chooses nothing: expected K >= 1")
+    if candidates is not None and search != "greedy":
+        raise ConfigError(
+            f"--rank-candidates is only for --rank-search greedy (got --rank-search {search}): the single-layer "
+            "ranking evaluates every layer once"
+        )
     if rank_by == "passkey":
         check_context(model, "--rank-passkey-length", passkey_length)
         try:
-            criterion = passkey_loss_criterion(model, tokenizer, lengths=(passkey_length,))
-        except ConfigError as err:  # a length the prompt does not fit: name the option
-            raise ConfigError(f"--rank-passkey-length {passkey_length}: {err}") from err
-        on = f"the passkey loss on 6 prompts of {passkey_length} tokens"
+            criterion = passkey_loss_criterion(
+                model, tokenizer, lengths=(passkey_length,), depths=passkey_depths, keys_per_cell=passkey_keys
+            )
+        except ConfigError as err:  # a length the prompt does not fit, or a depth outside [0, 1]: name the options
+            given = " ".join(f"{d:g}" for d in passkey_depths)
+            raise ConfigError(f"--rank-passkey-length {passkey_length} --rank-passkey-depths {given}: {err}") from err
+        prompts = len(passkey_depths) * passkey_keys
+        on = f"the passkey loss on {prompts} prompts of {passkey_length} tokens"
     else:
         if blocks is None:
             raise ConfigError(
@@ -92,9 +113,13 @@ def keep_best_softmax_layers(
         on = f"the loss on {len(blocks)} held-out block{'' if len(blocks) == 1 else 's'}"
     what = "passkey loss" if rank_by == "passkey" else "loss"
     if search == "greedy":
-        evaluations = 1 + sum(count - i for i in range(k))
-        print(f"choosing {k} of {count} linearised layers one at a time by {on} ({evaluations} evaluations)")
-        ranking = select_softmax_layers_greedy(model, criterion, k)
+        pool = count if candidates is None else len(candidates)
+        evaluations = 1 + sum(pool - i for i in range(min(k, pool)))
+        print(f"choosing {k} of {pool} linearised layers one at a time by {on} ({evaluations} evaluations)")
+        try:
+            ranking = select_softmax_layers_greedy(model, criterion, k, candidates=candidates)
+        except ConfigError as err:  # candidates that are not linearised layers, or fewer than k: name the options
+            raise ConfigError(f"--rank-candidates / --rank-layers: {err}") from err
         header = f"| step | layer | {what} with the layers so far restored | drop vs the step before |"
         rows = [f"| {i} | {r.layer} | {r.loss:.4f} | {r.drop:+.4f} |" for i, r in enumerate(ranking, 1)]
     else:

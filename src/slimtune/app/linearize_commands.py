@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,8 +49,13 @@ def cmd_linearize(args: argparse.Namespace) -> int:
     adapter = adapter_config(args.method, adapter_values) if args.method else None
     check_int("transfer_blocks", args.transfer_blocks)
     check_int("rank_passkey_length", args.rank_passkey_length)
+    check_int("rank_passkey_keys", args.rank_passkey_keys)
     if args.rank_search == "greedy" and args.rank_layers is None:
         raise ConfigError("--rank-search greedy needs --rank-layers K (K >= 1): the layers it chooses")
+    if args.rank_candidates is not None and (args.rank_layers is None or args.rank_search != "greedy"):
+        raise ConfigError(
+            "--rank-candidates needs --rank-layers K and --rank-search greedy: the layers it chooses from"
+        )
     if args.rank_layers is not None and args.rank_layers < 0:  # the upper bound needs the model (its layer count)
         raise ConfigError(f"--rank-layers {args.rank_layers} is not allowed: expected an integer >= 0")
     check_number("window_dropout", args.window_dropout, at_least=0, below=1)
@@ -79,6 +85,9 @@ def cmd_linearize(args: argparse.Namespace) -> int:
             rank_by=args.rank_by,
             tokenizer=tokenizer,
             passkey_length=args.rank_passkey_length,
+            passkey_depths=args.rank_passkey_depths,
+            passkey_keys=args.rank_passkey_keys,
+            candidates=args.rank_candidates,
             search=args.rank_search,
         )
     measure("linearized")
@@ -95,12 +104,8 @@ def cmd_linearize(args: argparse.Namespace) -> int:
         )
         measure("attention transfer")
     if args.finetune_steps:
-        # the teacher is a second, untouched copy of the original model
-        loss_fn = (
-            distillation_loss(load_named_model(args.model, args.dtype)[0])
-            if args.finetune_loss == "distill"
-            else causal_lm_loss
-        )
+        # distill: the teacher is the original, computed from the converted model's own weights
+        loss_fn = distillation_loss(None) if args.finetune_loss == "distill" else causal_lm_loss
         model, _ = finetune(
             model,
             train_blocks,
@@ -124,6 +129,8 @@ def cmd_linearize(args: argparse.Namespace) -> int:
         "layer_ranking": ranking,
         "rank_by": args.rank_by if ranking is not None else None,
         "rank_search": args.rank_search if ranking is not None else None,
+        "rank_candidates": args.rank_candidates if ranking is not None else None,
+        "rank_passkey": passkey_prompts(args) if ranking is not None and args.rank_by == "passkey" else None,
         "adapter_config": adapter.to_dict() if adapter else None,
         "held_out_loss": [{"stage": stage, "loss": loss} for stage, loss in losses.items()],
         "transfer_steps": args.transfer_steps,
@@ -136,3 +143,8 @@ def cmd_linearize(args: argparse.Namespace) -> int:
     atomic_write_json(output / "run.json", record)
     print(f"saved to {output}")
     return 0
+
+
+def passkey_prompts(args: argparse.Namespace) -> dict[str, Any]:
+    """The passkey prompts a ``--rank-by passkey`` ranking scored, for run.json."""
+    return {"length": args.rank_passkey_length, "depths": args.rank_passkey_depths, "keys": args.rank_passkey_keys}

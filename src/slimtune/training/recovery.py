@@ -141,7 +141,7 @@ def finetune(
 ) -> tuple[nn.Module, TrainResult]:
     """Stage 2: training of the added parameters (``train_linear_attention``) and of ``adapter`` on ``loss_fn``.
 
-    ``loss_fn``: the causal-LM loss by default; ``slimtune.training.distillation_loss(original)`` trains the model to
+    ``loss_fn``: the causal-LM loss by default; ``slimtune.training.distillation_loss()`` trains the model to
     reproduce the original model's next-token distributions instead (KL; ``benchmarks/long_context_recovery.py
     --distill`` measures what each does to perplexity and retrieval).
 

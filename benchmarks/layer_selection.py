@@ -8,7 +8,8 @@ depths ``--depths`` (10/50/90 % by default; a depth given twice gets twice the p
 evaluation uses it). ``--candidates``: the layers to choose from (default every layer; fewer saves evaluations:
 1 + Σ_{i<k} (candidates − i)). After choosing, each set (greedy, and the top k of ``--single`` if given) is scored
 on the evaluation's own prompts (``passkey_accuracy``, seed 0, ``--eval-keys`` per cell at ``--lengths``), so the
-choice is not scored on the keys it was made with.
+choice is not scored on the keys it was made with. ``--keep``: layers restored to softmax before choosing, so the
+greedy steps continue from them (the greedy set scored is ``--keep`` plus the chosen).
 
 Run: ``.venv/bin/python benchmarks/layer_selection.py --k 7 --candidates 18 3 20 ... --single 3 6 14 18 20 21 23``.
 Writes ``benchmarks/results/layer-selection-*.json`` and prints the steps and the scores.
@@ -51,6 +52,7 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=1, help="criterion prompts per (length, depth)")
     parser.add_argument("--eval-keys", type=int, default=5, help="evaluation prompts per (length, depth)")
     parser.add_argument("--single", type=int, nargs="+", default=None, help="a single-ranking set to score beside")
+    parser.add_argument("--keep", type=int, nargs="+", default=[], help="layers kept softmax before choosing")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -62,10 +64,13 @@ def main() -> None:
     criterion = passkey_loss_criterion(
         model, tokenizer, lengths=args.lengths, depths=args.depths, keys_per_cell=args.keys
     )
-    steps = select_softmax_layers_greedy(model, criterion, args.k, candidates=args.candidates)
+    with softmax_restored(model, args.keep):
+        steps = select_softmax_layers_greedy(model, criterion, args.k, candidates=args.candidates)
     seconds = time.perf_counter() - start
     print(format_table([vars(s) for s in steps], ["layer", "loss", "drop"]))
-    sets = {"greedy": [s.layer for s in steps]} | ({"single ranking": args.single} if args.single else {})
+    sets = {"greedy": [*args.keep, *(s.layer for s in steps)]} | (
+        {"single ranking": args.single} if args.single else {}
+    )
     scores = [{"set": name} | score(model, tokenizer, layers, args) for name, layers in sets.items()]
     print(format_table(scores, list(scores[0])))
     record = {"args": vars(args), "steps": [vars(s) for s in steps], "selection_s": seconds, "scores": scores}

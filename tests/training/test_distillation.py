@@ -176,3 +176,13 @@ def test_teacher_none_of_an_adapted_model_is_its_base_model():
     loss = distillation_loss(None, temperature=2.0)(student, ids)
     assert loss.item() == pytest.approx(kl_by_hand(tiny_gpt2(seed=0), student, ids, 2.0), rel=1e-4)
     assert loss.item() > 1e-4
+
+
+def test_teacher_none_under_several_processes_needs_ddp(monkeypatch):
+    """A model that is not DDP-wrapped under several processes (e.g. FSDP-sharded) is refused, naming the way out."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    with pytest.raises(
+        ConfigError, match=r"whole model on each process; .* spread over 2 processes: pass the original"
+    ):
+        distillation_loss()(adapted_hybrid(), token_blocks())

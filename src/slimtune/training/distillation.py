@@ -38,7 +38,7 @@ def distillation_loss(teacher: nn.Module | None = None, temperature: float = 1.0
     Raises:
         ConfigError: ``temperature`` not a positive number, or ``teacher`` neither None nor an nn.Module; when the
             loss is called, a batch that is not token ids [B, T], teacher logits of another shape than the model's
-            (another vocabulary), or with ``teacher=None`` a model sharded across processes other than by DDP.
+            (another vocabulary), or with ``teacher=None`` under several processes a model not wrapped in DDP.
     """
     check_number("temperature", temperature, above=0)
     if teacher is not None and not isinstance(teacher, nn.Module):
@@ -81,8 +81,8 @@ def base_model_logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     unwrapped (its forward here needs no gradient synchronisation).
 
     Raises:
-        ConfigError: a model spread across processes other than by DDP (e.g. FSDP), whose weights this process
-            does not hold whole.
+        ConfigError: under several processes, a model that is not DDP-wrapped (FSDP, e.g., shards it: this process
+            may not hold its weights whole).
     """
     if isinstance(model, DistributedDataParallel):
         model = model.module

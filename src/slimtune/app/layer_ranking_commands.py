@@ -57,13 +57,14 @@ def keep_best_softmax_layers(
     ``passkey_depths``), print the ranking and restore ``k`` to softmax attention for good: the top ``k``
     (``search`` "single"), or ``k`` chosen greedily ("greedy"); returns the ranking (single: every layer; greedy:
     the steps, in order) as JSON records (layer, loss, drop, kept). ``candidates``: the layers greedy chooses from
-    (None: every linearised layer).
+    (None: every linearised layer; the single ranking evaluates every layer, so the caller passes None there).
 
     Raises:
         ConfigError: ``rank_by`` or ``search`` unknown, no held-out ``blocks`` for "loss", a ``passkey_length``
             the prompt or the model does not fit, a depth outside [0, 1], ``passkey_keys`` < 1, ``k`` not in
-            [0, linearised layers − 1] (one must stay linear), ``k`` = 0 with greedy, ``candidates`` without
-            greedy, or candidates that are not distinct linearised layers or fewer than ``k``.
+            [0, linearised layers − 1] (one must stay linear), ``k`` = 0 with greedy, or (from
+            :func:`slimtune.training.select_softmax_layers_greedy`) candidates that are not distinct linearised
+            layers, or fewer than ``k``.
     """
     from slimtune.linear_attention import linear_attention_layers, restore_softmax
     from slimtune.training import (
@@ -87,11 +88,6 @@ def keep_best_softmax_layers(
         raise ConfigError(f"--rank-search {search!r} is not allowed: expected one of {list(RANK_SEARCH)}")
     if search == "greedy" and k == 0:
         raise ConfigError("--rank-layers 0 with --rank-search greedy chooses nothing: expected K >= 1")
-    if candidates is not None and search != "greedy":
-        raise ConfigError(
-            f"--rank-candidates is only for --rank-search greedy (got --rank-search {search}): the single-layer "
-            "ranking evaluates every layer once"
-        )
     if rank_by == "passkey":
         check_context(model, "--rank-passkey-length", passkey_length)
         try:
@@ -116,10 +112,7 @@ def keep_best_softmax_layers(
         pool = count if candidates is None else len(candidates)
         evaluations = 1 + sum(pool - i for i in range(min(k, pool)))
         print(f"choosing {k} of {pool} linearised layers one at a time by {on} ({evaluations} evaluations)")
-        try:
-            ranking = select_softmax_layers_greedy(model, criterion, k, candidates=candidates)
-        except ConfigError as err:  # candidates that are not linearised layers, or fewer than k: name the options
-            raise ConfigError(f"--rank-candidates / --rank-layers: {err}") from err
+        ranking = select_softmax_layers_greedy(model, criterion, k, candidates=candidates)
         header = f"| step | layer | {what} with the layers so far restored | drop vs the step before |"
         rows = [f"| {i} | {r.layer} | {r.loss:.4f} | {r.drop:+.4f} |" for i, r in enumerate(ranking, 1)]
     else:

@@ -98,9 +98,11 @@ def test_bad_layer_options_end_in_one_line(tiny, text_file, held_out, tmp_path, 
     argv = ["linearize", "--model", tiny, "--data", text_file, "--eval-data", held_out, *STEPS, *options]
     capsys.readouterr()
     assert cli.main([str(a) for a in [*argv, "--output", tmp_path / "bad"]]) == 2
-    err = capsys.readouterr().err  # after the progress bar of loading the weights, one line
+    captured = capsys.readouterr()
+    err = captured.err  # after the progress bar of loading the weights, one line
     last = err.strip().splitlines()[-1]
     assert last.startswith("slimtune linearize: error: ") and message in last and "Traceback" not in err
+    assert "choosing" not in captured.out and "ranking" not in captured.out  # refused before any search is announced
 
 
 def test_rank_layers_needs_held_out_data(tiny, text_file, tmp_path, capsys):

@@ -17,6 +17,8 @@ from cases import tiny_llama
 from slimtune.errors import ConfigError
 from slimtune.linear_attention import LinearizeConfig, linear_attention_layers, linearize
 from slimtune.training import (
+    greedy_candidates,
+    greedy_evaluations,
     lm_loss_criterion,
     rank_softmax_layers,
     rank_softmax_layers_by,
@@ -89,7 +91,8 @@ def test_candidates_limit_the_choice_and_cost_one_evaluation_each():
 
     steps = select_softmax_layers_greedy(model, counted, k=2, candidates=[3, 1, 2], progress=False)
     assert {step.layer for step in steps} <= {1, 2, 3}
-    assert len(calls) == 1 + 3 + 2
+    assert len(calls) == 1 + 3 + 2 == greedy_evaluations(3, 2)
+    assert greedy_candidates(model, 2, [3, 1, 2]) == [3, 1, 2] and greedy_candidates(model, 4) == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize(
@@ -108,6 +111,8 @@ def test_careless_settings_are_refused_with_the_field_and_what_is_allowed(settin
     model = linearize(tiny_llama(layers=LAYERS), LinearizeConfig(**{**CONFIG.to_dict(), "softmax_layers": layers}))
     with pytest.raises(ConfigError, match=message):
         select_softmax_layers_greedy(model, lm_loss_criterion(model, blocks()), progress=False, **settings)
+    with pytest.raises(ConfigError, match=message):  # the same check, for callers that announce the cost first
+        greedy_candidates(model, **settings)
 
 
 def test_a_model_that_is_not_linearised_is_refused():

@@ -63,11 +63,13 @@ def keep_best_softmax_layers(
         ConfigError: ``rank_by`` or ``search`` unknown, no held-out ``blocks`` for "loss", a ``passkey_length``
             the prompt or the model does not fit, a depth outside [0, 1], ``passkey_keys`` < 1, ``k`` not in
             [0, linearised layers − 1] (one must stay linear), ``k`` = 0 with greedy, or (from
-            :func:`slimtune.training.select_softmax_layers_greedy`) candidates that are not distinct linearised
-            layers, or fewer than ``k``.
+            :func:`slimtune.training.greedy_candidates`, before anything is printed or evaluated) candidates that
+            are not distinct linearised layers, or fewer than ``k``.
     """
     from slimtune.linear_attention import linear_attention_layers, restore_softmax
     from slimtune.training import (
+        greedy_candidates,
+        greedy_evaluations,
         lm_loss_criterion,
         passkey_loss_criterion,
         rank_softmax_layers_by,
@@ -109,10 +111,10 @@ def keep_best_softmax_layers(
         on = f"the loss on {len(blocks)} held-out block{'' if len(blocks) == 1 else 's'}"
     what = "passkey loss" if rank_by == "passkey" else "loss"
     if search == "greedy":
-        pool = count if candidates is None else len(candidates)
-        evaluations = 1 + sum(pool - i for i in range(min(k, pool)))
-        print(f"choosing {k} of {pool} linearised layers one at a time by {on} ({evaluations} evaluations)")
-        ranking = select_softmax_layers_greedy(model, criterion, k, candidates=candidates)
+        pool = greedy_candidates(model, k, candidates)
+        evaluations = greedy_evaluations(len(pool), k)
+        print(f"choosing {k} of {len(pool)} linearised layers one at a time by {on} ({evaluations} evaluations)")
+        ranking = select_softmax_layers_greedy(model, criterion, k, candidates=pool)
         header = f"| step | layer | {what} with the layers so far restored | drop vs the step before |"
         rows = [f"| {i} | {r.layer} | {r.loss:.4f} | {r.drop:+.4f} |" for i, r in enumerate(ranking, 1)]
     else:

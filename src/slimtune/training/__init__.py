@@ -30,6 +30,8 @@ from slimtune.training.distillation import distillation_loss
 from slimtune.training.evaluate import evaluate_lm, evaluate_loss
 from slimtune.training.layer_ranking import (
     LayerRank,
+    greedy_candidates,
+    greedy_evaluations,
     lm_loss_criterion,
     passkey_loss_criterion,
     rank_softmax_layers,
@@ -80,6 +82,8 @@ __all__ = [
     "evaluate_lm",
     "evaluate_loss",
     "finetune",
+    "greedy_candidates",
+    "greedy_evaluations",
     "k_shot",
     "lm_loss_criterion",
     "load_texts",

@@ -142,24 +142,14 @@ def select_softmax_layers_greedy(
     so far restored, ``drop`` what that step gained over the step before (the first: over the all-linear model), so
     :func:`top_softmax_layers` on it gives the first k chosen. ``candidates``: the layer indices to choose from
     (default: every linearised layer), e.g. the best of a single-layer ranking, to save evaluations: it costs
-    1 + Σ_{i<k} (candidates − i) of them. The model is left as it was, also on an error.
+    :func:`greedy_evaluations` of them. The model is left as it was, also on an error.
 
     Raises:
         ConfigError: ``model`` is not linearised; a candidate that is not one of its linearised layers, or a
             repeated one; ``k`` not in [1, number of candidates]; ``criterion()`` returns NaN or ±inf.
     """
-    linearize_config(model)
-    linearised = [layer.layer_idx for _, layer in linear_attention_layers(model)]
-    pool = list(linearised if candidates is None else candidates)
-    unknown = sorted(set(pool) - set(linearised))
-    if unknown or len(set(pool)) != len(pool):
-        raise ConfigError(
-            f"candidates={list(pool)} is not allowed: expected distinct indices of linearised layers, from "
-            f"{linearised}" + (f" ({unknown} are not)" if unknown else " (some repeat)")
-        )
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(pool):
-        raise ConfigError(f"k={k!r} is not allowed: expected an integer in [1, {len(pool)}] (the candidates)")
-    evaluations = 1 + sum(len(pool) - i for i in range(k))
+    pool = greedy_candidates(model, k, candidates)
+    evaluations = greedy_evaluations(len(pool), k)
     chosen: list[LayerRank] = []
     with tqdm(total=evaluations, desc="choosing layers", unit="eval", disable=not progress) as bar:
         previous = _finite(criterion(), [])
@@ -175,6 +165,35 @@ def select_softmax_layers_greedy(
             chosen.append(LayerRank(layer=index, loss=loss, drop=previous - loss))
             previous = loss
     return chosen
+
+
+def greedy_candidates(model: nn.Module, k: int, candidates: Sequence[int] | None = None) -> list[int]:
+    """The layers :func:`select_softmax_layers_greedy` would choose ``k`` from, checked as it checks them:
+    ``candidates`` as a list, or every linearised layer of ``model`` (None). For callers that report the cost
+    (:func:`greedy_evaluations`) before the search starts.
+
+    Raises:
+        ConfigError: ``model`` is not linearised; a candidate that is not one of its linearised layers, or a
+            repeated one; ``k`` not in [1, number of candidates].
+    """
+    linearize_config(model)
+    linearised = [layer.layer_idx for _, layer in linear_attention_layers(model)]
+    pool = list(linearised if candidates is None else candidates)
+    unknown = sorted(set(pool) - set(linearised))
+    if unknown or len(set(pool)) != len(pool):
+        raise ConfigError(
+            f"candidates={list(pool)} is not allowed: expected distinct indices of linearised layers, from "
+            f"{linearised}" + (f" ({unknown} are not)" if unknown else " (some repeat)")
+        )
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(pool):
+        raise ConfigError(f"k={k!r} is not allowed: expected an integer in [1, {len(pool)}] (the candidates)")
+    return pool
+
+
+def greedy_evaluations(candidates: int, k: int) -> int:
+    """Criterion evaluations of a greedy choice of ``k`` from ``candidates`` layers: the all-linear model, then at
+    step i each candidate not yet chosen, 1 + Σ_{i<k} (candidates − i)."""
+    return 1 + sum(candidates - i for i in range(k))
 
 
 def rank_softmax_layers_by(model: nn.Module, criterion: Callable[[], float], progress: bool = True) -> list[LayerRank]:

@@ -8,8 +8,9 @@ depths ``--depths`` (10/50/90 % by default; a depth given twice gets twice the p
 evaluation uses it). ``--candidates``: the layers to choose from (default every layer; fewer saves evaluations,
 counted by ``slimtune.training.greedy_evaluations``). After choosing, each set (greedy, and the top k of
 ``--single`` if given) is scored on the evaluation's own prompts (``passkey_accuracy``, seed 0, ``--eval-keys`` per
-cell at ``--lengths``), so the choice is not scored on the keys it was made with. ``--keep``: layers restored to softmax before choosing, so the
-greedy steps continue from them (the greedy set scored is ``--keep`` plus the chosen).
+cell at ``--lengths``), so the choice is not scored on the keys it was made with. ``--keep``: layers restored to
+softmax before choosing, so the greedy steps continue from them (the greedy set scored is ``--keep`` plus the
+chosen).
 
 Run: ``.venv/bin/python benchmarks/layer_selection.py --k 7 --candidates 18 3 20 ... --single 3 6 14 18 20 21 23``.
 Writes ``benchmarks/results/layer-selection-*.json`` and prints the steps and the scores.
